@@ -1,0 +1,319 @@
+"""load_pretrained / save_pretrained: Hugging Face checkpoints in safetensors, single or sharded.
+
+Loading builds the model on the meta device (no memory), then reads each tensor from disk straight
+into its final dtype and device, one at a time. Tensors are read with plain file reads rather than
+a memory map, so the process never holds the file's pages and a converted copy at once: peak memory
+is the model in its final dtype plus one tensor. Weights are only ever read from safetensors; nothing
+is unpickled. With quantize="nf4", each linear of the decoder blocks is quantized as soon as its
+weight is read, so a 4-bit model never exists in 16 or 32 bits as a whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from models.config import ModelConfig, dtype_from_name
+from models.decoder import Decoder
+from models.hub import CheckpointError, resolve_model_dir
+
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TensorEntry:
+    """Where one tensor lives: file, byte range of its data, dtype and shape."""
+
+    file: Path
+    start: int
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse a .safetensors header and check every tensor's byte range lies inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: corrupt safetensors header (length {n} exceeds the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            start, end = (8 + n + int(o) for o in info["data_offsets"])
+            shape = tuple(int(s) for s in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end}, file has {size}")
+        if end - start != nbytes:
+            raise CheckpointError(f"{path}: corrupt: tensor {name!r} has {end - start} bytes, shape needs {nbytes}")
+        entries[name] = TensorEntry(path, start, end, dtype, shape)
+    return entries
+
+
+def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
+    """Tensor name -> entry across all shards (`model.safetensors` or the sharded index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
+        files = sorted(set(weight_map.values()))
+    elif (model_dir / "model.safetensors").is_file():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        others = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+        hint = f" (found {', '.join(others)}: pickle formats are never loaded; convert to safetensors)" if others else ""
+        raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
+    entries: dict[str, TensorEntry] = {}
+    for name in files:
+        path = model_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: shard listed in the index is missing")
+        entries.update(read_safetensors_header(path))
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(entries))
+        if missing:
+            raise CheckpointError(f"{index}: tensor {missing[0]!r} is listed but absent from {weight_map[missing[0]]}")
+    return entries
+
+
+def read_tensor(f: BinaryIO, entry: TensorEntry, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Read one tensor from an open file into a new tensor of `dtype` on `device`."""
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    f.seek(entry.start)
+    buf = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
+    if f.readinto(memoryview(buf)) != entry.end - entry.start:
+        raise CheckpointError(f"{entry.file}: truncated while reading a tensor")
+    return out.to(device=device, dtype=dtype)
+
+
+def load_pretrained(
+    path_or_hub_id: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    quantize: str | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> Decoder:
+    """Load a llama / mistral / qwen2 / qwen3 checkpoint into a `Decoder`.
+
+    dtype: weights' dtype (default: the dtype the checkpoint was saved in, else float32).
+    quantize: None or "nf4" (decoder-block linears become frozen 4-bit `NF4Linear`s computing in
+    `compute_dtype`, default bfloat16). The model is returned in eval mode with `source_dir` set.
+    """
+    model_dir = resolve_model_dir(path_or_hub_id)
+    config = ModelConfig.from_file(model_dir / "config.json")
+    dtype = dtype_from_name(dtype) or dtype_from_name(config.torch_dtype) or torch.float32
+    device = torch.device(device or "cpu")
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r}: only 'nf4' is supported")
+    entries = index_checkpoint(model_dir)
+    with torch.device("meta"):
+        model = Decoder(config)
+    expected = expected_tensors(model)
+    _check_names(model_dir, entries, expected)
+    handles: dict[Path, BinaryIO] = {}
+    try:
+        for module_name, module in _leaf_modules(model):
+            names = [n for n in expected if n.rpartition(".")[0] == module_name]
+            tensors = {}
+            for name in names:
+                entry = entries[name]
+                target = expected[name]
+                if entry.shape != tuple(target.shape):
+                    raise CheckpointError(
+                        f"{entry.file}: tensor {name!r} has shape {list(entry.shape)}, the config needs {list(target.shape)}"
+                    )
+                f = handles.get(entry.file) or handles.setdefault(entry.file, open(entry.file, "rb"))
+                tensors[name.rpartition(".")[2]] = read_tensor(f, entry, dtype, device)
+            if quantize and _is_quantizable(module_name, module):
+                _swap_in_nf4(model, module_name, tensors, compute_dtype or torch.bfloat16)
+            else:
+                for pname, value in tensors.items():
+                    setattr(module, pname, nn.Parameter(value))
+    finally:
+        for f in handles.values():
+            f.close()
+    _materialize_buffers(model, device)
+    model.tie_weights()
+    model.source_dir = model_dir
+    model.quantized = quantize
+    return model.eval()
+
+
+def expected_tensors(model: Decoder) -> dict[str, torch.Tensor]:
+    """Parameters a checkpoint must provide (tied lm_head excluded), name -> meta tensor."""
+    names = dict(model.named_parameters(remove_duplicate=True))
+    return {n: p for n, p in names.items() if not (model.config.tie_word_embeddings and n == "lm_head.weight")}
+
+
+def _check_names(model_dir: Path, entries: dict[str, TensorEntry], expected: dict[str, torch.Tensor]) -> None:
+    missing = [n for n in expected if n not in entries]
+    if missing:
+        where = "model.safetensors.index.json" if (model_dir / "model.safetensors.index.json").exists() else "model.safetensors"
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{model_dir / where}: missing tensor {missing[0]!r}{more}")
+    # A tied checkpoint may still carry lm_head.weight, and old ones their rotary buffers: harmless.
+    benign = ("lm_head.weight", "rotary_emb.inv_freq")
+    unexpected = [n for n in entries if n not in expected and not n.endswith(benign)]
+    if unexpected:
+        warnings.warn(f"{model_dir}: ignoring {len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]!r}")
+
+
+def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Modules that own parameters directly, in definition order."""
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            yield name, module
+
+
+def _is_quantizable(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and name.startswith("model.layers.") and name.rsplit(".", 1)[-1] in QUANTIZABLE
+
+
+def _swap_in_nf4(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> None:
+    from quant.linear import NF4Linear
+
+    parent_name, _, child = name.rpartition(".")
+    qlinear = NF4Linear.from_weight(tensors.pop("weight"), tensors.pop("bias", None), compute_dtype=compute_dtype)
+    setattr(model.get_submodule(parent_name), child, qlinear)
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
+    """Recompute non-persistent buffers (rotary frequencies) that the meta device left empty."""
+    from models.decoder import rope_inv_freq
+
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = rope_inv_freq(model.config).to(device)
+
+
+def export_state_dict(model: Decoder, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of `model` (4-bit layers dequantized, tied lm_head dropped)."""
+    from quant.linear import NF4Linear
+
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear):
+            out[f"{name}.weight"] = module.dequantize(dtype or torch.float32)
+            if module.bias is not None:
+                out[f"{name}.bias"] = module.bias.detach()
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if full == "lm_head.weight" and model.config.tie_word_embeddings:
+                continue
+            out[full] = p.detach()
+    return {k: (v.to(dtype) if dtype is not None else v).contiguous().cpu() for k, v in out.items()}
+
+
+def save_pretrained(
+    model: Decoder,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write `model` as a Hugging Face checkpoint that transformers loads.
+
+    config.json, model.safetensors (or shards plus model.safetensors.index.json above
+    `max_shard_bytes`), and the tokenizer files from `tokenizer_dir` (default: where the model was
+    loaded from). Each file is written under a temporary name and renamed, so a crash never leaves
+    a file that looks complete.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = export_state_dict(model, dtype_from_name(dtype))
+    stored = next(iter(state.values())).dtype
+    shards = _split_shards(state, max_shard_bytes)
+    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        old.unlink()
+    if len(shards) == 1:
+        _atomic(out / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(out / fname, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic(out / "model.safetensors.index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+    config = model.config.to_hf_dict(torch_dtype=stored)
+    _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    source = tokenizer_dir or getattr(model, "source_dir", None)
+    if source is not None:
+        copy_tokenizer_files(Path(source), out)
+    return out
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy tokenizer and generation config files that exist in `src` into `dst`."""
+    if src.resolve() == dst.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            _atomic(dst / name, lambda p, n=name: shutil.copyfile(src / n, p))
+
+
+def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _atomic(path: Path, write) -> None:
+    """Run write(tmp_path), then rename over `path` (atomic on POSIX)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(str(tmp))
+    os.replace(tmp, path)

@@ -1,0 +1,290 @@
+"""A Llama-family decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP.
+
+Module names equal Hugging Face's (`model.layers.3.self_attn.q_proj`, `lm_head`, ...), so the
+state dict keys are the checkpoint keys and PEFT adapter keys map onto modules one to one.
+
+Shape legend: B batch, T new tokens, S keys (cached + new), H query heads, K kv heads,
+D head width, C hidden width, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 whatever the input dtype (as the reference does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [D/2] of the rotary embedding, with llama3 or linear scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if config.rope_type == "llama3":
+        return _llama3_scale(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1 rope scaling: long wavelengths slowed by `factor`, short ones kept, smooth in between."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B,T] -> (cos, sin), each [B,1,T,D], computed in float32 then cast to `dtype`."""
+        with torch.autocast(device_type=position_ids.device.type, enabled=False):
+            freqs = position_ids[:, :, None].float() * self.inv_freq.float()[None, None, :]  # (B, T, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+            return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B,heads,T,D] rotated by the angles in cos/sin [B,1,T,D]."""
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every block for the tokens seen so far, preallocated to `capacity`.
+
+    keys[i], values[i]: [B, K, capacity, D]; only the first `length` positions are filled.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device) -> KVCache:
+        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
+        n = config.num_hidden_layers
+        return cls(
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B,K,T,D] after the cached positions; return all keys and values [B,K,S,D]."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions needed, capacity {self.capacity}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        c, d = config, config.head_dim
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, d
+        qkv_bias = c.attention_bias or c.qkv_bias
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * d, bias=qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * d, bias=qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * d, bias=qkv_bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * d, c.hidden_size, bias=c.attention_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(d, c.rms_norm_eps)
+            self.k_norm = RMSNorm(d, c.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """x [B,T,C]; mask [B,1,T,S] bool (True = may attend) or None for plain causal -> [B,T,C]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        # SDPA wants one dtype; under autocast the projections may come out in bf16 while the cache is not.
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
+        )  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.sliding = config.layer_types[layer_idx] == "sliding_attention"
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    """Embedding, blocks and final norm: everything but the output head (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class Decoder(nn.Module):
+    """A causal language model. `model(input_ids, attention_mask)` -> logits [B,T,V]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Run the decoder.
+
+        input_ids [B,T] (or inputs_embeds [B,T,C]); attention_mask [B,S] with 1 on real tokens and 0 on
+        padding, S = cached + new tokens; position_ids [B,T] (default: counted over real tokens, so a
+        left-padded row equals the same row unpadded); doc_ids [B,T] marks packed examples that must not
+        attend to each other. Returns logits [B,T,V], or with return_hidden the final normed hidden
+        states [B,T,C] so a caller can apply `lm_head` in chunks.
+        """
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = default_positions(attention_mask, B, T, past, x.device)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        masks = {
+            kind: build_mask(attention_mask, doc_ids, T, past, window, x.device)
+            for kind, window in (("full", None), ("sliding", self.config.sliding_window))
+            if kind == "full" or any(layer.sliding for layer in self.model.layers)
+        }
+        for layer in self.model.layers:
+            mask = masks["sliding" if layer.sliding else "full"]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+
+def default_positions(attention_mask: torch.Tensor | None, B: int, T: int, past: int, device) -> torch.Tensor:
+    """Position of each new token [B,T]: its index among the row's real tokens (0 for padding)."""
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=device).expand(B, T)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -T:]
+
+
+def build_mask(
+    attention_mask: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    T: int,
+    past: int,
+    window: int | None,
+    device,
+) -> torch.Tensor | None:
+    """Boolean attention mask [B|1, 1, T, S] (True = may attend), or None when plain causal suffices.
+
+    Combines causality, key padding, the sliding window and packed-document boundaries. A query that
+    may attend to nothing (a padding position) is let attend to everything instead: its output is
+    never used, and an all-masked row would make softmax produce NaN that leaks through 0·NaN.
+    """
+    if attention_mask is None and doc_ids is None and window is None and past == 0:
+        return None
+    S = past + T
+    q_idx = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
+    mask = (k_idx <= q_idx)[None, None]  # (1, 1, T, S)
+    if window is not None:
+        mask = mask & (k_idx > q_idx - window)[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :S]
+    if doc_ids is not None:  # packing: same document only (no cache while packing)
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return mask | ~mask.any(dim=-1, keepdim=True)

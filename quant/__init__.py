@@ -1,0 +1,39 @@
+"""NF4 4-bit quantization (QLoRA's format, bit-exact with bitsandbytes) and a frozen 4-bit linear layer.
+
+    from quant import NF4Linear, quantize_nf4, dequantize_nf4
+    layer = NF4Linear.from_weight(weight, bias, compute_dtype=torch.bfloat16)   # weight [out, in]
+    y = layer(x)                       # dequantize-on-the-fly matmul, backward w.r.t. x only
+    w = layer.dequantize(torch.float32)
+    state = quantize_nf4(w); w2 = dequantize_nf4(state, torch.bfloat16)
+"""
+from quant.linear import DEFAULT_BACKEND, NF4Linear, bnb_quant_state, dequantize, dequantize_bnb
+from quant.nf4 import (
+    BLOCKSIZE,
+    NESTED_BLOCKSIZE,
+    NF4_VALUES,
+    NF4Tensor,
+    dequantize_absmax,
+    dequantize_nf4,
+    dynamic_code,
+    nf4_code,
+    nf4_nbytes,
+    quantize_nf4,
+)
+
+__all__ = [
+    "BLOCKSIZE",
+    "DEFAULT_BACKEND",
+    "NESTED_BLOCKSIZE",
+    "NF4Linear",
+    "NF4Tensor",
+    "NF4_VALUES",
+    "bnb_quant_state",
+    "dequantize",
+    "dequantize_absmax",
+    "dequantize_bnb",
+    "dequantize_nf4",
+    "dynamic_code",
+    "nf4_code",
+    "nf4_nbytes",
+    "quantize_nf4",
+]

@@ -1,0 +1,92 @@
+"""Evaluation during training: val loss and perplexity, plus task metrics.
+
+    lm              val_loss, perplexity
+    classification  + accuracy and macro-F1: each validation example's completion is one label out of
+                    the set of completions seen in validation; the prediction is the label whose tokens
+                    the model finds most likely after the prompt (summed log-probability, EOS included)
+    generation      + corpus BLEU-4 and exact match of greedy generations on a sample of validation examples
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from models.generate import SamplingConfig, generate
+from train.data import Record, generation_prompt
+from train.loop import autocast_context, evaluate_loss
+from train.metrics import accuracy, corpus_bleu, exact_match, macro_f1, perplexity
+
+
+def evaluate(
+    model: nn.Module,
+    val_batches: Sequence[dict[str, torch.Tensor]],
+    val_records: Sequence[Record],
+    tokenizer,
+    task: str,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    generation_samples: int = 32,
+) -> dict[str, float]:
+    """All metrics of `task` on the validation set, as plain floats."""
+    loss = evaluate_loss(model, val_batches, device, autocast_dtype)
+    metrics = {"val_loss": loss, "perplexity": perplexity(loss)}
+    if task == "classification":
+        metrics.update(classification_metrics(model, val_records, tokenizer, device, autocast_dtype))
+    elif task == "generation":
+        metrics.update(generation_metrics(model, val_records[:generation_samples], tokenizer, device, autocast_dtype))
+    return metrics
+
+
+@torch.no_grad()
+def label_log_likelihoods(
+    model: nn.Module, prompt: list[int], labels: list[list[int]], device: torch.device, autocast_dtype
+) -> list[float]:
+    """Summed log-probability of each label's tokens after `prompt`, scored as one right-padded batch."""
+    rows = [prompt + lab for lab in labels]
+    T = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    with autocast_context(device, autocast_dtype):
+        logits = model(ids.to(device)).float()
+    logp = torch.log_softmax(logits, dim=-1)
+    scores = []
+    for i, lab in enumerate(labels):
+        pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(lab), device=device)
+        scores.append(float(logp[i, pos, torch.tensor(lab, device=device)].sum()))
+    return scores
+
+
+def classification_metrics(model, records: Sequence[Record], tokenizer, device, autocast_dtype) -> dict[str, float]:
+    prompts = [generation_prompt(r, tokenizer) for r in records]
+    label_set = sorted({ref.strip() for _, ref in prompts})
+    label_ids = [tokenizer.encode(lab, add_bos=False) + [tokenizer.eos_id] for lab in label_set]
+    was_training = model.training
+    model.eval()
+    predictions = []
+    for ids, _ in prompts:
+        scores = label_log_likelihoods(model, ids, label_ids, device, autocast_dtype)
+        predictions.append(label_set[max(range(len(scores)), key=scores.__getitem__)])
+    model.train(was_training)
+    golds = [ref.strip() for _, ref in prompts]
+    return {"accuracy": accuracy(predictions, golds), "macro_f1": macro_f1(predictions, golds, label_set)}
+
+
+def generation_metrics(model, records: Sequence[Record], tokenizer, device, autocast_dtype) -> dict[str, float]:
+    predictions, references = generate_references(model, records, tokenizer, device, autocast_dtype)
+    return {"bleu": corpus_bleu(predictions, references).score, "exact_match": exact_match(predictions, references)}
+
+
+def generate_references(
+    model, records: Sequence[Record], tokenizer, device, autocast_dtype, max_new_tokens: int | None = None
+) -> tuple[list[str], list[str]]:
+    """Greedy continuations of each record's prompt, and the references they should match."""
+    prompts = [generation_prompt(r, tokenizer) for r in records]
+    longest = max((len(tokenizer.encode(ref, add_bos=False)) for _, ref in prompts), default=1)
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens or longest + 8, stop_ids=tuple(sorted(tokenizer.stop_ids)))
+    with autocast_context(device, autocast_dtype):
+        outs = generate(model, [ids for ids, _ in prompts], cfg, pad_id=tokenizer.pad_id)
+    predictions = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+    return predictions, [ref.strip() for _, ref in prompts]

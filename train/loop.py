@@ -1,0 +1,135 @@
+"""The optimizer step, written out: autocast forward, chunked loss, backward, accumulate, clip, step.
+
+Gradient accumulation divides each micro-batch's summed loss by the number of target tokens in
+the whole accumulated batch, so k micro-batches give exactly the gradient of one batch k times
+larger, even when the micro-batches hold different numbers of target tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from train.loss import causal_lm_loss_sum, count_targets
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss per target token over the accumulated batch
+    tokens: int  # target tokens in the accumulated batch
+    grad_norm: float  # total gradient norm before clipping
+    skipped: bool  # the loss or gradient was not finite, so no update was made
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on `device`, or nothing for float32 compute."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; weight decay on matrices only (not norms, biases, vectors)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    import bitsandbytes as bnb
+
+    if name == "adamw8bit":
+        return bnb.optim.AdamW8bit(groups, lr=lr)
+    if name == "paged_adamw8bit":
+        return bnb.optim.PagedAdamW8bit(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}: choose adamw, adamw8bit or paged_adamw8bit")
+
+
+def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss of one micro-batch and its target count.
+
+    Right-padded rows need no attention mask: a real token only attends to earlier positions,
+    which are all real, so plain causal attention (the fast SDPA path) is exact for them.
+    """
+    hidden = model(
+        batch["input_ids"],
+        position_ids=batch.get("position_ids"),
+        doc_ids=batch.get("doc_ids"),
+        return_hidden=True,
+    )
+    return causal_lm_loss_sum(hidden, model.lm_head.weight, batch["labels"])
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> tuple[float, int]:
+    """Backward over the micro-batches with the loss normalised by their total target count.
+
+    Returns (mean loss per target token, target tokens); gradients are left in `.grad`.
+    """
+    total_tokens = sum(count_targets(mb["labels"]) for mb in micro_batches)
+    if total_tokens == 0:
+        return float("nan"), 0
+    loss_sum = 0.0
+    for mb in micro_batches:
+        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        with autocast_context(device, autocast_dtype):
+            summed, _ = forward_loss_sum(model, mb)
+        (summed / total_tokens).backward()
+        loss_sum += float(summed.detach())
+    return loss_sum / total_tokens, total_tokens
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    max_grad_norm: float | None,
+) -> StepResult:
+    """One optimizer step over `micro_batches` (the accumulation window).
+
+    A non-finite loss or gradient norm skips the update (gradients dropped, schedule not advanced)
+    and says so in the result, so one bad batch cannot poison the weights.
+    """
+    loss, tokens = accumulate_gradients(model, micro_batches, device, autocast_dtype)
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    clip = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if not skipped:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=skipped)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> float:
+    """Mean loss per target token over all validation batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast_context(device, autocast_dtype):
+            summed, n = forward_loss_sum(model, batch)
+        total, count = total + float(summed), count + n
+    model.train(was_training)
+    return total / max(count, 1)

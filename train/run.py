@@ -1,0 +1,402 @@
+"""`python -m train.run`: fine-tune a decoder with full fine-tuning, LoRA or QLoRA.
+
+    python -m train.run --method qlora                      # the built-in demo: tiny model, stdlib docstrings
+    python -m train.run --method lora --model Qwen/Qwen2.5-0.5B --data train.jsonl --val-fraction 0.05
+
+The run is four plain steps, each a function below: setup (config, data, model, optimizer, resume)
+-> fit (the loop: step, log, evaluate, checkpoint, stop early) -> finish (restore the best
+checkpoint, write the adapter or model, the loss curve and a summary). Bad input ends the run with
+one line on stderr and exit status 2, before anything in the output directory is touched.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.config import ModelConfig
+from models.hub import CheckpointError, resolve_model_dir
+from models.tokenizer import load_tokenizer
+from train import checkpoint as ckpt
+from train.config import ConfigError, TrainConfig, parse_args
+from train.data import DataError, Datasets, StepLoader, eval_batches, load_datasets
+from train.early_stopping import EarlyStopping, OverfitDetector
+from train.evaluate import evaluate, generate_references
+from train.loop import build_optimizer, train_step
+from train.methods import build_model, save_result
+from train.schedule import build_scheduler, total_steps_for, warmup_steps_for
+
+OWNED = ("checkpoints", "adapter", "model", "metrics.jsonl", "config.json", "loss.png", "summary.json")
+
+
+class RunError(ValueError):
+    """A problem with the run's inputs or output directory that the user must fix."""
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    cfg: TrainConfig
+    out: Path
+    model_path: str
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    tokenizer: object
+    data: Datasets
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: StepLoader
+    total_steps: int
+    state: ckpt.TrainerState
+    early: EarlyStopping | None
+    overfit: OverfitDetector
+    val_batches: list = field(default_factory=list)
+    best_path: Path | None = None
+    saved_step: int | None = None
+
+
+# ----------------------------------------------------------------------------------------- setup
+def pick_device_and_dtype(name: str) -> tuple[torch.device, torch.dtype | None]:
+    """cuda if present, else cpu; `auto` means bf16 autocast wherever the hardware has bf16 units."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "float16":
+        raise RunError("--dtype float16 training needs loss scaling, which this trainer does not do: use bfloat16")
+    if name == "float32":
+        return device, None
+    if name == "bfloat16":
+        return device, torch.bfloat16
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return device, torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def apply_demo_defaults(cfg: TrainConfig) -> str:
+    """Without --model / --data, point the run at the built-in demo model and data."""
+    from train.config import METHOD_LR
+    from train.demo import DEMO_LR, DEMO_RUN_DEFAULTS, ensure_demo_base, ensure_demo_data
+
+    model_path = cfg.run.model or str(ensure_demo_base())
+    if cfg.data.data is None:
+        cfg.data.data = str(ensure_demo_data())
+        defaults = TrainConfig()
+        for section, key, value in DEMO_RUN_DEFAULTS:
+            if getattr(getattr(cfg, section), key) == getattr(getattr(defaults, section), key):
+                setattr(getattr(cfg, section), key, value)
+        if cfg.optim.lr == METHOD_LR[cfg.run.method]:
+            cfg.optim.lr = DEMO_LR.get(cfg.run.method, cfg.optim.lr)
+    return model_path
+
+
+def prepare_output_dir(cfg: TrainConfig) -> Path:
+    """Refuse a directory holding another run, unless resuming or told to overwrite."""
+    out = Path(cfg.run.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output-dir {out} is a file")
+    taken = [name for name in OWNED if (out / name).exists()]
+    if taken and cfg.run.resume is None and not cfg.run.overwrite:
+        raise RunError(f"--output-dir {out} already holds a run ({', '.join(taken)}): pass --resume to continue it or --overwrite to replace it")
+    return out
+
+
+def check_model_window(cfg: TrainConfig, model_path: str) -> None:
+    config = ModelConfig.from_file(resolve_model_dir(model_path) / "config.json")
+    if cfg.data.seq_len > config.max_position_embeddings:
+        raise RunError(f"--seq-len {cfg.data.seq_len} exceeds the model's window of {config.max_position_embeddings} tokens")
+
+
+def setup(cfg: TrainConfig) -> Run:
+    seed_everything(cfg.run.seed)
+    if cfg.run.method in ("prefix", "prompt"):
+        raise RunError(f"--method {cfg.run.method} is not available in this version: choose full, lora or qlora")
+    model_path = apply_demo_defaults(cfg) if cfg.run.model is None or cfg.data.data is None else cfg.run.model
+    out = prepare_output_dir(cfg)
+    device, amp_dtype = pick_device_and_dtype(cfg.run.dtype)
+    check_model_window(cfg, model_path)
+    tokenizer = load_tokenizer(model_path)
+    data = load_datasets(cfg.data, tokenizer, cfg.run.seed)
+    model = build_model(cfg, model_path, device, amp_dtype or torch.float32)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.optim)
+    loader = StepLoader(data.train, cfg.data.batch_size, tokenizer.pad_id, cfg.optim.grad_accum, cfg.run.seed)
+    total = total_steps_for(loader.steps_per_epoch, cfg.optim.epochs, cfg.optim.max_steps)
+    warmup = warmup_steps_for(total, cfg.optim.warmup_ratio, cfg.optim.warmup_steps)
+    scheduler = build_scheduler(optimizer, total, cfg.optim.schedule, warmup)
+    early = None
+    if cfg.eval.early_stopping_patience:
+        early = EarlyStopping(cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold)
+    val = eval_batches(data.val, cfg.data.batch_size, tokenizer.pad_id) if data.val else []
+    run = Run(cfg, out, model_path, device, amp_dtype, tokenizer, data, model, optimizer, scheduler, loader,
+              total, ckpt.TrainerState(), early, OverfitDetector(), val)
+    if cfg.run.overwrite:
+        for name in OWNED:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.run.resume is not None:
+        resume(run)
+    (out / "config.json").write_text(cfg.to_json())
+    return run
+
+
+def resume(run: Run) -> None:
+    """Continue from the newest complete checkpoint (or `--resume DIR`); none yet: start afresh."""
+    root = run.out / "checkpoints"
+    ckpt.remove_partial(root)
+    chosen = run.cfg.run.resume
+    path = Path(chosen) if chosen != "latest" else (ckpt.complete_checkpoints(root) or [None])[-1]
+    if path is None:
+        print(f"resume: no complete checkpoint in {root}; starting from the beginning", file=sys.stderr)
+        return
+    if not (path / "state.json").is_file():
+        raise RunError(f"--resume {path}: not a complete checkpoint (no state.json)")
+    run.state = ckpt.load_checkpoint(path, run.model, run.optimizer)
+    _set_schedule(run)
+    run.loader.load_state_dict(run.state.data)
+    if run.early and run.state.early_stopping:
+        run.early.load_state_dict(run.state.early_stopping)
+    if run.state.overfit:
+        run.overfit.load_state_dict(run.state.overfit)
+    if run.state.best_step is not None:
+        run.best_path = root / f"{ckpt.STEP_PREFIX}{run.state.best_step:08d}"
+    truncate_metrics(run.out / "metrics.jsonl", run.state.step)
+    print(f"resume: continuing from {path} (step {run.state.step} of {run.total_steps})", file=sys.stderr)
+
+
+def _set_schedule(run: Run) -> None:
+    """Put the LambdaLR where it was after `state.step` steps."""
+    run.scheduler.last_epoch = run.state.step
+    for group, base, fn in zip(run.optimizer.param_groups, run.scheduler.base_lrs, run.scheduler.lr_lambdas):
+        group["lr"] = base * fn(run.state.step)
+    run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after `step` by the interrupted run, so the log reads as one run."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+# ------------------------------------------------------------------------------------------ fit
+def log(run: Run, record: dict) -> None:
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save(run: Run) -> Path:
+    """Checkpoint the current step (once), keeping the last N and the best."""
+    path = run.out / "checkpoints" / f"{ckpt.STEP_PREFIX}{run.state.step:08d}"
+    if run.saved_step == run.state.step and path.is_dir():
+        return path
+    run.state.data = run.loader.state_dict()
+    run.state.early_stopping = run.early.state_dict() if run.early else {}
+    run.state.overfit = run.overfit.state_dict()
+    path = ckpt.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.state, run.cfg.to_dict())
+    keep = {run.best_path} if run.best_path else set()
+    ckpt.prune(run.out / "checkpoints", run.cfg.checkpoint.keep_last, keep)
+    run.saved_step = run.state.step
+    return path
+
+
+def run_eval(run: Run, recent_train_loss: float) -> tuple[dict, bool]:
+    """Evaluate, keep the best checkpoint, consult early stopping; return (metrics, stop)."""
+    metrics = evaluate(run.model, run.val_batches, run.data.val_records, run.tokenizer, run.cfg.eval.task,
+                       run.device, run.amp_dtype)
+    step = run.state.step
+    val = metrics["val_loss"]
+    report = run.overfit.check(recent_train_loss, val) if math.isfinite(recent_train_loss) else None
+    stop = False
+    if report is not None:
+        metrics.update(train_val_gap=report.gap, overfit_warning=report.overfit_warning)
+        if report.overfit_warning:
+            tqdm.write(f"step {step}: val loss exceeds train loss by {report.gap:.2f} nats: the model may be overfitting")
+        if report.should_stop:
+            tqdm.write(f"step {step}: val loss rose {report.counter} evaluations in a row: stopping (overfitting)")
+            stop = True
+    if run.state.best_val_loss is None or val < run.state.best_val_loss:
+        run.state.best_val_loss, run.state.best_step = val, step
+        run.best_path = save(run)
+    if run.early and run.early.step(val):
+        tqdm.write(f"step {step}: no val-loss improvement above {run.early.threshold} in {run.early.patience} evaluations: stopping early")
+        stop = True
+    log(run, {"step": step, **metrics})
+    return metrics, stop
+
+
+def fit(run: Run) -> None:
+    cfg = run.cfg
+    bar = tqdm(total=run.total_steps, initial=run.state.step, desc=f"{cfg.run.method}", dynamic_ncols=True,
+               disable=None)
+    window: list[float] = []
+    started = time.perf_counter() - run.state.elapsed_s
+    stop = False
+    while run.state.step < run.total_steps and not stop:
+        t0 = time.perf_counter()
+        result = train_step(run.model, run.optimizer, run.scheduler, run.loader.next_step(), run.device,
+                            run.amp_dtype, cfg.optim.max_grad_norm)
+        run.state.step += 1
+        run.state.tokens_seen += result.tokens
+        run.state.elapsed_s = time.perf_counter() - started
+        tps = result.tokens / max(time.perf_counter() - t0, 1e-9)
+        if result.skipped:
+            run.state.skipped_steps += 1
+            tqdm.write(f"step {run.state.step}: non-finite loss or gradient, update skipped")
+        else:
+            window.append(result.loss)
+        lr = run.optimizer.param_groups[0]["lr"]
+        log(run, {"step": run.state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                  "tokens": result.tokens, "tokens_per_s": tps, "skipped": result.skipped})
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+        last = run.state.step == run.total_steps
+        if run.val_batches and (last or (cfg.eval.eval_every and run.state.step % cfg.eval.eval_every == 0)):
+            metrics, stop = run_eval(run, sum(window) / len(window) if window else float("nan"))
+            window = []
+            bar.set_postfix(loss=f"{result.loss:.3f}", val=f"{metrics['val_loss']:.3f}", lr=f"{lr:.2e}")
+        if cfg.checkpoint.save_every and run.state.step % cfg.checkpoint.save_every == 0:
+            save(run)
+    bar.close()
+    save(run)
+
+
+# --------------------------------------------------------------------------------------- finish
+def restore_best(run: Run) -> None:
+    if run.best_path is not None and run.best_path.is_dir():
+        from safetensors.torch import load_file
+
+        ckpt.load_trainable_state(run.model, load_file(str(run.best_path / "trainable.safetensors")), run.best_path)
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> bool:
+    """Train and val loss against step as a PNG; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per target token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    return int(status["VmHWM"].split()[0]) / 1024
+
+
+def show_samples(run: Run, title: str, n: int = 3) -> None:
+    records = run.data.val_records[:n] if run.data.val_records else run.data.train_records[:n]
+    records = [r for r in records if r.shape != "text"]
+    if not records:
+        return
+    preds, refs = generate_references(run.model, records, run.tokenizer, run.device, run.amp_dtype, max_new_tokens=32)
+    print(f"\n{title}")
+    for record, pred, ref in zip(records, preds, refs):
+        prompt = record.prompt if record.shape != "chat" else record.messages[-2]["content"]
+        print(f"  prompt:    {prompt.strip()[:100]}\n  generated: {pred[:120]}\n  reference: {ref[:120]}\n")
+
+
+def finish(run: Run, first_val: float | None) -> dict:
+    restore_best(run)
+    product = save_result(run.model, run.cfg, run.out, run.model_path)
+    plotted = plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
+    best = run.state.best_val_loss
+    summary = {
+        "method": run.cfg.run.method,
+        "steps": run.state.step,
+        "skipped_steps": run.state.skipped_steps,
+        "first_val_loss": first_val,
+        "best_val_loss": best,
+        "best_step": run.state.best_step,
+        "best_perplexity": math.exp(best) if best is not None and best < 50 else None,
+        "time_s": round(run.state.elapsed_s, 1),
+        "tokens_seen": run.state.tokens_seen,
+        "peak_memory_mib": round(peak_memory_mib(run.device), 1),
+        "output": str(product),
+    }
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    rows = [(k.replace("_", " "), v) for k, v in summary.items() if v is not None]
+    if plotted:
+        rows.append(("loss curve", str(run.out / "loss.png")))
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in rows))
+    return summary
+
+
+def train(cfg: TrainConfig, samples: bool = True) -> dict:
+    """Run a whole fine-tuning job as `cfg` says; return the summary.
+
+    samples: print a few generations on validation prompts before and after training.
+    """
+    run = setup(cfg)
+    print(f"{run.cfg.run.method} on {run.model_path} ({run.device}, "
+          f"{'bf16 autocast' if run.amp_dtype else 'float32'}); {run.total_steps} steps", file=sys.stderr)
+    print(run.data.summary(), file=sys.stderr)
+    if run.cfg.run.method != "full":
+        from lora.inject import trainable_report
+
+        print(trainable_report(run.model), file=sys.stderr)
+    first_val = None
+    if run.state.step == 0:
+        if samples:
+            show_samples(run, "Before fine-tuning:")
+        if run.val_batches:
+            first = evaluate(run.model, run.val_batches, [], run.tokenizer, "lm", run.device, run.amp_dtype)
+            first_val = first["val_loss"]
+            log(run, {"step": 0, **first})
+    fit(run)
+    summary = finish(run, first_val)
+    if samples:
+        show_samples(run, "After fine-tuning (best checkpoint):")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        train(cfg)
+    except (ConfigError, DataError, CheckpointError, RunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
