@@ -35,6 +35,7 @@ available; tests/test_nf4.py has a GPU check that both backends give the CPU bit
 """
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
 import torch
@@ -57,10 +58,19 @@ BACKENDS = ("auto", "torch", "bnb")
 _FLOAT_STATE = ("nested_absmax", "absmax_offset")
 
 
+def import_bitsandbytes():
+    """Import bitsandbytes without its warning about an optional CPU kernel package we do not use."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes
+    import bitsandbytes.functional  # noqa: F401
+
+    return bitsandbytes
+
+
 @lru_cache(maxsize=None)
 def _bnb_available() -> bool:
     try:
-        import bitsandbytes.functional  # noqa: F401
+        import_bitsandbytes()
     except Exception:  # an ImportError, or a broken native library
         return False
     return True

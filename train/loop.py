@@ -42,7 +42,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, name: str 
     groups = [g for g in groups if g["params"]]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    import bitsandbytes as bnb
+    from quant.linear import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
 
     if name == "adamw8bit":
         return bnb.optim.AdamW8bit(groups, lr=lr)

@@ -319,8 +319,8 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def show_samples(run: Run, title: str, n: int = 3) -> None:
-    records = run.data.val_records[:n] if run.data.val_records else run.data.train_records[:n]
-    records = [r for r in records if r.shape != "text"]
+    pool = [r for r in (run.data.val_records or run.data.train_records) if r.shape != "text"]
+    records = pool[:: max(1, len(pool) // n)][:n]  # spread over the set, not its first few lines
     if not records:
         return
     preds, refs = generate_references(run.model, records, run.tokenizer, run.device, run.amp_dtype, max_new_tokens=32)
