@@ -34,6 +34,7 @@ from lora.inject import (
     lora_state_dict,
     set_active_adapter,
 )
+from models.files import atomic_write, read_json_object
 from models.hub import CheckpointError
 
 CONFIG_NAME = "adapter_config.json"
@@ -132,7 +133,7 @@ def save_adapter(
     state = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in lora_state_dict(model, adapter_name).items()}
     base = str(base_model_name_or_path) if base_model_name_or_path is not None else None
     record = {**(extra or {}), **training_record(model, adapter_name)}  # the base facts are not overridable
-    _atomic(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     _write_json(out / CONFIG_NAME, peft_config_dict(model, config, base))
     _write_json(out / TRAINING_NAME, record)
     return out
@@ -144,7 +145,7 @@ def save_adapter(
 def read_adapter_config(adapter_dir: str | os.PathLike, adapter_name: str = "default") -> LoraConfig:
     """Validate adapter_config.json and turn it into a LoraConfig; CheckpointError naming the file otherwise."""
     path = Path(adapter_dir) / CONFIG_NAME
-    d = _read_json(path)
+    d = read_json_object(path)
     kind = d.get("peft_type")
     if kind != "LORA":
         if kind in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
@@ -179,7 +180,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike, adapter_name: str = "def
 def read_training_record(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """lora_training.json, or {} for an adapter made elsewhere (PEFT writes no such file)."""
     path = Path(adapter_dir) / TRAINING_NAME
-    return _read_json(path) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> LoraConfig:
@@ -258,23 +259,6 @@ def _check_type(path: Path, key: str, value: Any, types) -> None:
         raise CheckpointError(f"{path}: {key} must be {getattr(types, '__name__', 'a number')}, got {value!r}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return d
-
-
 def _write_json(path: Path, d: dict[str, Any]) -> None:
-    _atomic(path, lambda p: Path(p).write_text(json.dumps(d, indent=2) + "\n"))
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(d, indent=2) + "\n"))
 
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)

@@ -24,6 +24,7 @@ from torch import nn
 
 from models.config import ModelConfig, dtype_from_name
 from models.decoder import Decoder
+from models.files import atomic_write
 from models.hub import CheckpointError, resolve_model_dir
 
 SAFETENSORS_DTYPES = {
@@ -272,18 +273,18 @@ def save_pretrained(
     for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         old.unlink()
     if len(shards) == 1:
-        _atomic(out / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        atomic_write(out / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(out / fname, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+            atomic_write(out / fname, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic(out / "model.safetensors.index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+        atomic_write(out / "model.safetensors.index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
     config = model.config.to_hf_dict(torch_dtype=stored)
-    _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     source = tokenizer_dir or getattr(model, "source_dir", None)
     if source is not None:
         copy_tokenizer_files(Path(source), out)
@@ -296,7 +297,7 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
         return
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
-            _atomic(dst / name, lambda p, n=name: shutil.copyfile(src / n, p))
+            atomic_write(dst / name, lambda p, n=name: shutil.copyfile(src / n, p))
 
 
 def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -311,9 +312,3 @@ def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[s
         size += nbytes
     return shards
 
-
-def _atomic(path: Path, write) -> None:
-    """Run write(tmp_path), then rename over `path` (atomic on POSIX)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)

@@ -7,13 +7,13 @@ dataclass carries, so a single decoder implementation serves all four.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from models.files import read_json_object
 from models.hub import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -129,14 +129,7 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing config.json")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
+        d = read_json_object(path, missing="missing config.json")
         try:
             return cls.from_hf_dict(d)
         except KeyError as err:

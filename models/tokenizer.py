@@ -51,6 +51,7 @@ from typing import Any
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
+from models.files import read_json_object
 from models.hub import CheckpointError, resolve_model_dir
 
 BUILTIN_CHAT_TEMPLATE = (
@@ -67,25 +68,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _read_json(path: Path, required: bool = False) -> Any:
-    """The parsed file, or None when it is absent and optional; CheckpointError names a bad file."""
-    if not path.is_file():
-        if required:
-            raise CheckpointError(f"{path}: missing ({path.name} is required to load the tokenizer)")
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-
-
 def _read_object(path: Path, required: bool = False) -> dict:
-    data = _read_json(path, required)
-    if data is None:
+    if not required and not path.is_file():
         return {}
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, missing=f"missing ({path.name} is required to load the tokenizer)")
 
 
 def _token_text(value: Any) -> str | None:
@@ -243,7 +229,7 @@ class Tokenizer:
     # --- loading -------------------------------------------------------------------------------------
     def _load_backend(self) -> _Backend:
         path = self.root / "tokenizer.json"
-        _read_json(path, required=True)  # a clear error for missing or non-JSON files first
+        _read_object(path, required=True)  # a clear error for missing or non-JSON files first
         try:
             backend = _Backend.from_file(str(path))
         except Exception as err:  # the Rust side raises plain Exception on a schema mismatch

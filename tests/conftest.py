@@ -105,7 +105,8 @@ TASK_WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "rive
 
 def make_tokenizer_files(out_dir: Path) -> int:
     """A byte-level BPE trained on a fixed text, with <pad>/<s>/</s>; returns its vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tm
 
     tok = Tokenizer(tm.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

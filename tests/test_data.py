@@ -384,7 +384,8 @@ def test_load_datasets_split_and_pack(tmp_path):
 def test_real_tokenizer_masks_align(tmp_path):
     """Same invariants with models.tokenizer on a tiny word-level tokenizer (skipped until it exists)."""
     tokenizer_mod = pytest.importorskip("models.tokenizer")
-    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tk_models
 
     words = ["<unk>", "<s>", "</s>", "<pad>", "[user]", "[assistant]", "hi", "there", "how", "are", "you"]
     tk = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

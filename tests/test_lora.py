@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lora
-from lora import LoRALinear, LoraConfig
+from lora import LoraConfig, LoRALinear
 from models import CheckpointError, Decoder, ModelConfig
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

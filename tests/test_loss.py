@@ -2,7 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from train.loss import causal_lm_loss_sum, count_targets
+from train.data import count_target_tokens
+from train.loss import causal_lm_loss_sum
 
 
 def test_chunked_loss_and_grads_equal_full_cross_entropy():
@@ -13,7 +14,7 @@ def test_chunked_loss_and_grads_equal_full_cross_entropy():
     labels[0, :4] = -100
     labels[2, 6:] = -100
     total, n = causal_lm_loss_sum(hidden, weight, labels, chunk=5)
-    assert n == count_targets(labels) == int((labels[:, 1:] != -100).sum())
+    assert n == count_target_tokens(labels) == int((labels[:, 1:] != -100).sum())
     (total / n).backward()
     g_h, g_w = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from train.loss import causal_lm_loss_sum, count_targets
+from train.data import count_target_tokens
+from train.loss import causal_lm_loss_sum
 
 
 @dataclass
@@ -78,7 +79,7 @@ def accumulate_gradients(
 
     Returns (mean loss per target token, target tokens); gradients are left in `.grad`.
     """
-    total_tokens = sum(count_targets(mb["labels"]) for mb in micro_batches)
+    total_tokens = sum(count_target_tokens(mb) for mb in micro_batches)
     if total_tokens == 0:
         return float("nan"), 0
     loss_sum = 0.0

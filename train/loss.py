@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+IGNORE = -100  # label of positions without loss (the Hugging Face convention)
 
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,3 @@ def causal_lm_loss_sum(
             total = total + _chunk_loss(hs, head_weight, ys)
     return total, int(y.numel())
 
-
-def count_targets(labels: torch.Tensor) -> int:
-    """Number of positions that carry a loss in labels [B,T] (after the next-token shift)."""
-    return int((labels[:, 1:] != IGNORE).sum())
