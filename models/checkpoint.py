@@ -9,10 +9,13 @@ weight is read, so a 4-bit model never exists in 16 or 32 bits as a whole.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,33 +160,79 @@ def load_pretrained(
         model = Decoder(config)
     expected = expected_tensors(model)
     _check_names(model_dir, entries, expected)
+    with freed_memory_returned():
+        _read_weights(model, entries, expected, dtype, device, quantize, compute_dtype or torch.bfloat16)
+    _materialize_buffers(model, device)
+    model.tie_weights()
+    model.source_dir = model_dir
+    model.quantized = quantize
+    return model.eval()
+
+
+def _read_weights(
+    model: Decoder,
+    entries: dict[str, TensorEntry],
+    expected: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    quantize: str | None,
+    compute_dtype: torch.dtype,
+) -> None:
+    """Fill the meta model module by module; quantize a block linear as soon as its tensors are read."""
     handles: dict[Path, BinaryIO] = {}
     try:
         for module_name, module in _leaf_modules(model):
-            names = [n for n in expected if n.rpartition(".")[0] == module_name]
             tensors = {}
-            for name in names:
+            for name in (n for n in expected if n.rpartition(".")[0] == module_name):
                 entry = entries[name]
-                target = expected[name]
-                if entry.shape != tuple(target.shape):
+                if entry.shape != tuple(expected[name].shape):
                     raise CheckpointError(
-                        f"{entry.file}: tensor {name!r} has shape {list(entry.shape)}, the config needs {list(target.shape)}"
+                        f"{entry.file}: tensor {name!r} has shape {list(entry.shape)}, the config needs {list(expected[name].shape)}"
                     )
                 f = handles.get(entry.file) or handles.setdefault(entry.file, open(entry.file, "rb"))
                 tensors[name.rpartition(".")[2]] = read_tensor(f, entry, dtype, device)
             if quantize and _is_quantizable(module_name, module):
-                _swap_in_nf4(model, module_name, tensors, compute_dtype or torch.bfloat16)
+                _swap_in_nf4(model, module_name, tensors, compute_dtype)
             else:
                 for pname, value in tensors.items():
                     setattr(module, pname, nn.Parameter(value))
     finally:
         for f in handles.values():
             f.close()
-    _materialize_buffers(model, device)
-    model.tie_weights()
-    model.source_dir = model_dir
-    model.quantized = quantize
-    return model.eval()
+
+
+@contextlib.contextmanager
+def freed_memory_returned() -> Iterator[None]:
+    """While loading, hand freed buffers of 1 MiB and more back to the OS (glibc only).
+
+    glibc raises its mmap threshold after the first large free, so later per-layer temporaries
+    (read buffers, quantizer scratch) land on the heap between the small 4-bit results and are never
+    returned: a 4-bit load measured 150 MiB resident for a 130 MiB bf16 checkpoint, against 80 MiB
+    with the threshold pinned. Afterwards the threshold goes to glibc's own upper bound (32 MiB), the
+    value its dynamic rule would reach anyway, and the heap is trimmed.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc.malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+
+
+def _glibc():
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # musl or another libc: nothing to tune
+        return None
 
 
 def expected_tensors(model: Decoder) -> dict[str, torch.Tensor]:
