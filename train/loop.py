@@ -103,7 +103,7 @@ def train_step(
 ) -> StepResult:
     """One optimizer step over `micro_batches` (the accumulation window).
 
-    A non-finite loss or gradient norm skips the update (gradients dropped, schedule not advanced)
+    A non-finite loss or gradient norm skips the update (gradients dropped)
     and says so in the result, so one bad batch cannot poison the weights.
     """
     loss, tokens = accumulate_gradients(model, micro_batches, device, autocast_dtype)
@@ -113,7 +113,7 @@ def train_step(
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
-        scheduler.step()
+    scheduler.step()  # the schedule follows the step count, skipped or not, so a resume lands on it exactly
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=skipped)
 
