@@ -215,6 +215,29 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = was
 
 
+@contextlib.contextmanager
+def per_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
+    """Within the block, batch row i runs through adapter names[i] (None: the base alone).
+
+    For serving several adapters in one batch; the row grouping is computed once here, not per layer
+    and step. The active adapter is ignored inside the block and in force again after it.
+    """
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        if name is not None:
+            groups.setdefault(name, []).append(row)
+    layers = [layer for _, layer in lora_layers(model)]
+    device = next(model.parameters()).device
+    tensors = {n: torch.tensor(rows, dtype=torch.long, device=device) for n, rows in groups.items()}
+    try:
+        for layer in layers:
+            layer.row_groups = tensors
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_groups = None
+
+
 # ---------------------------------------------------------------------- merging
 
 

@@ -75,6 +75,9 @@ class LoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.merged_adapter: str | None = None  # which adapter the base weight currently contains
+        # Per-row adapters for serving a mixed batch: adapter name -> row indices [n] (LongTensor).
+        # Set through lora.inject.per_row_adapters; None keeps the single-adapter path below.
+        self.row_groups: dict[str, torch.Tensor] | None = None
         # DoRA: n at merge time, needed to unmerge (a buffer so it follows .to(); not saved).
         self.register_buffer("_merge_norm", None, persistent=False)
         for p in base.parameters():
@@ -183,6 +186,8 @@ class LoRALinear(nn.Module):
                 "stale delta in the weight; call unmerge() first (or use eval mode / torch.no_grad() for inference)"
             )
         result = self.base(x)
+        if self.row_groups is not None:
+            return self._per_row(x, result)
         name = self.active_adapter
         if self.disabled or self.merged or name is None:  # merged: the base weight already holds it
             return result
@@ -195,6 +200,39 @@ class LoRALinear(nn.Module):
         else:
             result = result + B(A(dropout(x))) * s
         return result.to(out_dtype)
+
+    def _per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each row group gets its own adapter's delta: x [B, ..., in], rows gathered per adapter.
+
+        The same maths as the single-adapter path on the gathered rows, so a row's output equals the
+        row run alone with its adapter active. Rows in no group (or whose adapter this layer lacks)
+        get the base output.
+        """
+        if self.merged:  # the base weight holds one adapter's delta for every row
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged: per-row adapters need unmerged layers")
+        if self.disabled:
+            return result
+        out_dtype = result.dtype
+        out = result
+        for name, rows in self.row_groups.items():
+            if name not in self.lora_A or rows.numel() == 0:
+                continue
+            A, B = self.lora_A[name], self.lora_B[name]
+            whole = rows.numel() == x.shape[0]  # one adapter for the whole batch: no gather needed
+            xs = (x if whole else x.index_select(0, rows)).to(A.weight.dtype)
+            base = result if whole else result.index_select(0, rows)
+            if name in self.lora_magnitude_vector:
+                delta = self._dora_term(xs, base, name)
+            else:
+                delta = B(A(self.lora_dropout[name](xs))) * self.scaling[name]
+            # Summed and rounded as the single-adapter path does, so low-precision outputs match it too.
+            rows_out = (base + delta).to(out_dtype)
+            if whole:
+                return rows_out
+            if out is result:
+                out = result.clone()  # groups are disjoint: each reads the base output of its own rows
+            out.index_copy_(0, rows, rows_out)
+        return out
 
     def _dora_term(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """(m/n - 1) ⊙ W x' + (m/n) ⊙ s·BA x', exactly as PEFT's DoraLinearLayer.forward computes it."""

@@ -137,8 +137,13 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x [B,T,C]; mask [B,1,T,S] bool (True = may attend) or None for plain causal -> [B,T,C]."""
+        """x [B,T,C]; mask [B,1,T,S] bool (True = may attend) or None for plain causal -> [B,T,C].
+
+        prefix: prefix tuning's keys and values [B,K,N,D], already final (no RoPE), put before this
+        call's keys when they are not in the cache.
+        """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
@@ -149,6 +154,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        if prefix is not None:
+            k, v = torch.cat([prefix[0].to(k.dtype), k], dim=2), torch.cat([prefix[1].to(v.dtype), v], dim=2)
         # SDPA wants one dtype; under autocast the projections may come out in bf16 while the cache is not.
         k, v = k.to(q.dtype), v.to(q.dtype)
         y = F.scaled_dot_product_attention(
@@ -180,8 +187,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.sliding = config.layer_types[layer_idx] == "sliding_attention"
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -207,6 +214,7 @@ class Decoder(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False  # recompute each block's activations in backward
+        self.virtual_tokens: nn.Module | None = None  # prompt or prefix tuning (models/virtual_tokens.py)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -228,11 +236,16 @@ class Decoder(nn.Module):
         padding, S = cached + new tokens; position_ids [B,T] (default: counted over real tokens, so a
         left-padded row equals the same row unpadded); doc_ids [B,T] marks packed examples that must not
         attend to each other. Returns logits [B,T,V], or with return_hidden the final normed hidden
-        states [B,T,C] so a caller can apply `lm_head` in chunks.
+        states [B,T,C] so a caller can apply `lm_head` in chunks. With virtual tokens attached, the
+        masks and positions given still cover the real tokens only, and so do the outputs.
         """
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T = x.shape[:2]
         past = cache.length if cache is not None else 0
+        prefix, drop = None, 0
+        if self.virtual_tokens is not None:
+            x, attention_mask, position_ids, past, prefix, drop = self.virtual_tokens.extend(
+                x, attention_mask, position_ids, cache, doc_ids)
+        B, T = x.shape[:2]
         if position_ids is None:
             position_ids = default_positions(attention_mask, B, T, past, x.device)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
@@ -241,15 +254,16 @@ class Decoder(nn.Module):
             for kind, window in (("full", None), ("sliding", self.config.sliding_window))
             if kind == "full" or any(layer.sliding for layer in self.model.layers)
         }
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             mask = masks["sliding" if layer.sliding else "full"]
+            kv = prefix[i] if prefix is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, cache, kv, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, kv)
         if cache is not None:
             cache.length += T
-        x = self.model.norm(x)
+        x = self.model.norm(x[:, drop:])
         return x if return_hidden else self.lm_head(x)
 
 

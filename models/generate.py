@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from models.decoder import Decoder, KVCache
+from models.virtual_tokens import cache_slots
 
 
 @dataclass
@@ -80,7 +81,8 @@ def generate(
         dtype = model.model.embed_tokens.weight.dtype
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        cache = KVCache.empty(model.config, B, ids.shape[1] + cfg.max_new_tokens, dtype, device)
+        capacity = cache_slots(model) + ids.shape[1] + cfg.max_new_tokens
+        cache = KVCache.empty(model.config, B, capacity, dtype, device)
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_ids = ids
@@ -104,7 +106,7 @@ def generate(
 
 
 def load_for_inference(model_name: str, adapter: str | None, dtype: str | None, device: str | None):
-    """Load the base and attach the adapter, if any.
+    """Load the base and attach the adapter, if any (LoRA, or PEFT prompt/prefix tuning).
 
     An adapter trained on a 4-bit base runs on the same 4-bit base (quantized while loading), so
     generation computes what was trained.
@@ -114,6 +116,12 @@ def load_for_inference(model_name: str, adapter: str | None, dtype: str | None, 
 
     if adapter is None:
         return load_pretrained(model_name, dtype=dtype, device=device)
+    from models.virtual_tokens_io import is_virtual_token_adapter, load_virtual_tokens
+
+    if is_virtual_token_adapter(adapter):  # prompt or prefix tuning: the base is used as it is
+        model = load_pretrained(model_name, dtype=dtype, device=device)
+        load_virtual_tokens(model, adapter)
+        return model.eval()
     from lora.adapter_io import load_adapter, read_training_record
 
     record = read_training_record(adapter)

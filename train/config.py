@@ -101,6 +101,8 @@ class OptimConfig:
     grad_accum: int = _f(1, "--grad-accum", "micro-batches per optimizer step")
     epochs: int = _f(3, "--epochs", "passes over the training data (ignored when --max-steps is set)")
     max_steps: int | None = _f(None, "--max-steps", "optimizer steps to run; overrides --epochs")
+    max_skipped_steps: int = _f(5, "--max-skipped-steps",
+                                "stop the run (exit status 3) after this many non-finite steps in a row")
 
 
 @dataclass
@@ -121,6 +123,8 @@ class PromptSettings:
 
     num_virtual_tokens: int = _f(20, "--num-virtual-tokens", "soft-prompt / prefix length")
     prompt_init_text: str | None = _f(None, "--prompt-init-text", "init soft prompt from this text's embeddings")
+    prefix_projection: int = _f(0, "--prefix-projection",
+                                "prefix tuning through PEFT's reparameterisation MLP of this width (folded when saved); 0: off")
 
 
 @dataclass
@@ -278,11 +282,13 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.grad_accum": (_positive, "must be >= 1"),
     "optim.epochs": (_positive, "must be >= 1"),
     "optim.max_steps": (_positive, "must be >= 1"),
+    "optim.max_skipped_steps": (_positive, "must be >= 1"),
     "lora.rank": (_positive, "must be >= 1"),
     "lora.alpha": (_positive, "must be > 0"),
     "lora.dropout": (lambda x: 0 <= x < 1, "must be in [0, 1)"),
     "lora.target_modules": (lambda x: len(x) > 0 and all(x), "must name at least one module"),
     "prompt.num_virtual_tokens": (_positive, "must be >= 1"),
+    "prompt.prefix_projection": (lambda x: x >= 0, "must be >= 0"),
     "eval.eval_every": (lambda x: x >= 0, "must be >= 0"),
     "eval.early_stopping_patience": (_positive, "must be >= 1"),
     "eval.early_stopping_threshold": (lambda x: x >= 0, "must be >= 0"),

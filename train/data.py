@@ -130,7 +130,24 @@ def _string(obj: dict, key: str, path, line) -> str:
     value = obj[key]
     if not isinstance(value, str):
         raise DataError(f"{key!r} must be a string, got {type(value).__name__}", path, line)
+    _check_text(value, key, path, line)
     return value
+
+
+def _check_text(value: Any, where: str, path, line) -> None:
+    """Reject unpaired surrogates: JSON lets "\\ud800" through, but it is not text and no tokenizer takes it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where} holds an unpaired surrogate escape (like \\ud800): not valid text", path, line) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where, path, line)
+            _check_text(v, f"{where}.{k}", path, line)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_text(v, f"{where}[{i}]", path, line)
 
 
 def _check_messages(messages: Any, path, line) -> tuple[dict[str, Any], ...]:
@@ -142,6 +159,7 @@ def _check_messages(messages: Any, path, line) -> tuple[dict[str, Any], ...]:
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
                 raise DataError(f"messages[{i}].{key} must be a string", path, line)
+        _check_text(m, f"messages[{i}]", path, line)  # the whole message: the template may render any key
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("chat record has no assistant message, so nothing to learn", path, line)
     return tuple(dict(m) for m in messages)

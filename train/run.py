@@ -7,11 +7,15 @@ The run is four plain steps, each a function below: setup (config, data, model, 
 -> fit (the loop: step, log, evaluate, checkpoint, stop early) -> finish (restore the best
 checkpoint, write the adapter or model, the loss curve and a summary). Bad input ends the run with
 one line on stderr and exit status 2, before anything in the output directory is touched.
+A full disk or unwritable directory is also exit status 2 in one line (earlier checkpoints intact);
+--max-skipped-steps non-finite steps in a row stop the run with exit status 3.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -28,6 +32,7 @@ from models.config import ModelConfig
 from models.hub import CheckpointError, resolve_model_dir
 from models.tokenizer import load_tokenizer
 from train import checkpoint as ckpt
+from train import memory
 from train.config import ConfigError, TrainConfig, parse_args
 from train.data import DataError, Datasets, StepLoader, eval_batches, load_datasets
 from train.early_stopping import EarlyStopping, OverfitDetector
@@ -36,11 +41,18 @@ from train.loop import build_optimizer, train_step
 from train.methods import build_model, save_result
 from train.schedule import build_scheduler, total_steps_for, warmup_steps_for
 
+# OSErrors the user fixes outside the program (space, permissions, paths), reported in one line.
+USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
+
 OWNED = ("checkpoints", "adapter", "model", "metrics.jsonl", "config.json", "loss.png", "summary.json")
 
 
 class RunError(ValueError):
     """A problem with the run's inputs or output directory that the user must fix."""
+
+
+class DivergedError(RuntimeError):
+    """--max-skipped-steps non-finite steps in a row: the run stopped (exit status 3)."""
 
 
 @dataclass
@@ -116,20 +128,26 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def check_model_window(cfg: TrainConfig, model_path: str) -> None:
+def check_model_window(cfg: TrainConfig, model_path: str) -> ModelConfig:
     config = ModelConfig.from_file(resolve_model_dir(model_path) / "config.json")
     if cfg.data.seq_len > config.max_position_embeddings:
         raise RunError(f"--seq-len {cfg.data.seq_len} exceeds the model's window of {config.max_position_embeddings} tokens")
+    return config
+
+
+def check_memory(cfg: TrainConfig, config: ModelConfig, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    """The safety valve: refuse a run whose estimated peak memory exceeds what the device has free."""
+    problem = memory.check_fits(config, memory.settings_from(cfg, amp_dtype), cfg.optim.grad_accum, device)
+    if problem:
+        raise RunError(problem)
 
 
 def setup(cfg: TrainConfig) -> Run:
     seed_everything(cfg.run.seed)
-    if cfg.run.method in ("prefix", "prompt"):
-        raise RunError(f"--method {cfg.run.method} is not available in this version: choose full, lora or qlora")
     model_path = apply_demo_defaults(cfg) if cfg.run.model is None or cfg.data.data is None else cfg.run.model
     out = prepare_output_dir(cfg)
     device, amp_dtype = pick_device_and_dtype(cfg.run.dtype)
-    check_model_window(cfg, model_path)
+    check_memory(cfg, check_model_window(cfg, model_path), device, amp_dtype)
     tokenizer = load_tokenizer(model_path)
     data = load_datasets(cfg.data, tokenizer, cfg.run.seed)
     model = build_model(cfg, model_path, device, amp_dtype or torch.float32)
@@ -148,7 +166,10 @@ def setup(cfg: TrainConfig) -> Run:
         for name in OWNED:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
     if cfg.run.resume is not None:
         resume(run)
     (out / "config.json").write_text(cfg.to_json())
@@ -163,6 +184,7 @@ def resume(run: Run) -> None:
     path = Path(chosen) if chosen != "latest" else (ckpt.complete_checkpoints(root) or [None])[-1]
     if path is None:
         print(f"resume: no complete checkpoint in {root}; starting from the beginning", file=sys.stderr)
+        truncate_metrics(run.out / "metrics.jsonl", -1)  # the killed run's step-0 evaluation is redone
         return
     if not (path / "state.json").is_file():
         raise RunError(f"--resume {path}: not a complete checkpoint (no state.json)")
@@ -188,10 +210,24 @@ def _set_schedule(run: Run) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after `step` by the interrupted run, so the log reads as one run."""
+    """Drop log lines written after `step` by the interrupted run, so the log reads as one run.
+
+    A line cut short by a kill is dropped too; the file is replaced atomically, so a second kill
+    during this rewrite leaves either the old log or the new one.
+    """
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("step") if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 # ------------------------------------------------------------------------------------------ fit
@@ -208,9 +244,13 @@ def save(run: Run) -> Path:
     run.state.data = run.loader.state_dict()
     run.state.early_stopping = run.early.state_dict() if run.early else {}
     run.state.overfit = run.overfit.state_dict()
-    path = ckpt.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.state, run.cfg.to_dict())
-    keep = {run.best_path} if run.best_path else set()
-    ckpt.prune(run.out / "checkpoints", run.cfg.checkpoint.keep_last, keep)
+    try:
+        path = ckpt.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.state, run.cfg.to_dict())
+        keep = {run.best_path} if run.best_path else set()
+        ckpt.prune(run.out / "checkpoints", run.cfg.checkpoint.keep_last, keep)
+    except OSError as err:  # full disk, read-only or vanished directory: earlier checkpoints are untouched
+        raise RunError(f"cannot write checkpoint {path.name} in {path.parent} ({err.strerror or err}); "
+                       f"earlier checkpoints are intact: free space and rerun with --resume") from None
     run.saved_step = run.state.step
     return path
 
@@ -230,13 +270,16 @@ def run_eval(run: Run, recent_train_loss: float) -> tuple[dict, bool]:
         if report.should_stop:
             tqdm.write(f"step {step}: val loss rose {report.counter} evaluations in a row: stopping (overfitting)")
             stop = True
-    if run.state.best_val_loss is None or val < run.state.best_val_loss:
-        run.state.best_val_loss, run.state.best_step = val, step
-        run.best_path = save(run)
     if run.early and run.early.step(val):
         tqdm.write(f"step {step}: no val-loss improvement above {run.early.threshold} in {run.early.patience} evaluations: stopping early")
         stop = True
+    run.state.stopped = stop
+    # Log, then checkpoint: a checkpoint of step N must already hold this evaluation (log line,
+    # early-stopping count, stop flag), or a run resumed from it would never see it.
     log(run, {"step": step, **metrics})
+    if run.state.best_val_loss is None or val < run.state.best_val_loss:
+        run.state.best_val_loss, run.state.best_step = val, step
+        run.best_path = save(run)
     return metrics, stop
 
 
@@ -244,9 +287,9 @@ def fit(run: Run) -> None:
     cfg = run.cfg
     bar = tqdm(total=run.total_steps, initial=run.state.step, desc=f"{cfg.run.method}", dynamic_ncols=True,
                disable=None)
-    window: list[float] = []
+    window = run.state.recent_losses  # in the trainer state, so a resume sees the same train/val gap
     started = time.perf_counter() - run.state.elapsed_s
-    stop = False
+    stop = run.state.stopped
     while run.state.step < run.total_steps and not stop:
         t0 = time.perf_counter()
         result = train_step(run.model, run.optimizer, run.scheduler, run.loader.next_step(), run.device,
@@ -257,23 +300,37 @@ def fit(run: Run) -> None:
         tps = result.tokens / max(time.perf_counter() - t0, 1e-9)
         if result.skipped:
             run.state.skipped_steps += 1
+            run.state.skipped_in_a_row += 1
             tqdm.write(f"step {run.state.step}: non-finite loss or gradient, update skipped")
         else:
+            run.state.skipped_in_a_row = 0
             window.append(result.loss)
         lr = run.optimizer.param_groups[0]["lr"]
         log(run, {"step": run.state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                   "tokens": result.tokens, "tokens_per_s": tps, "skipped": result.skipped})
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+        check_divergence(run)
         last = run.state.step == run.total_steps
         if run.val_batches and (last or (cfg.eval.eval_every and run.state.step % cfg.eval.eval_every == 0)):
-            metrics, stop = run_eval(run, sum(window) / len(window) if window else float("nan"))
-            window = []
+            recent = sum(window) / len(window) if window else float("nan")
+            window.clear()  # before run_eval, whose checkpoint must hold the emptied window
+            metrics, stop = run_eval(run, recent)
             bar.set_postfix(loss=f"{result.loss:.3f}", val=f"{metrics['val_loss']:.3f}", lr=f"{lr:.2e}")
         if cfg.checkpoint.save_every and run.state.step % cfg.checkpoint.save_every == 0:
             save(run)
     bar.close()
     save(run)
+
+
+def check_divergence(run: Run) -> None:
+    """Stop after --max-skipped-steps non-finite steps in a row, without checkpointing the bad streak."""
+    limit = run.cfg.optim.max_skipped_steps
+    if run.state.skipped_in_a_row >= limit:
+        last = ckpt.complete_checkpoints(run.out / "checkpoints")
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        raise DivergedError(f"{limit} steps in a row had a non-finite loss or gradient (last: step {run.state.step}); "
+                            f"stopping: {where}. Lower --lr, check the data, or raise --max-skipped-steps")
 
 
 # --------------------------------------------------------------------------------------- finish
@@ -370,16 +427,15 @@ def train(cfg: TrainConfig, samples: bool = True) -> dict:
         from lora.inject import trainable_report
 
         print(trainable_report(run.model), file=sys.stderr)
-    first_val = None
     if run.state.step == 0:
         if samples:
             show_samples(run, "Before fine-tuning:")
         if run.val_batches:
             first = evaluate(run.model, run.val_batches, [], run.tokenizer, "lm", run.device, run.amp_dtype)
-            first_val = first["val_loss"]
+            run.state.first_val_loss = first["val_loss"]  # in the trainer state: a resumed run reports it too
             log(run, {"step": 0, **first})
     fit(run)
-    summary = finish(run, first_val)
+    summary = finish(run, run.state.first_val_loss)
     if samples:
         show_samples(run, "After fine-tuning (best checkpoint):")
     return summary
@@ -391,6 +447,14 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except (ConfigError, DataError, CheckpointError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DivergedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except OSError as err:  # e.g. the disk filled while writing logs or the result: one line, no traceback
+        if err.errno not in USER_FIXABLE_ERRNOS:
+            raise
+        print(f"error: {err.filename or 'output'}: {err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: resume with --resume", file=sys.stderr)

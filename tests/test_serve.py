@@ -1,0 +1,354 @@
+"""python -m serve: an in-process server on a loopback port, driven by a real HTTP client (urllib).
+
+Checks that concurrent requests over several adapters are batched and each answer equals the same
+prompt run alone (models.generate), that streaming concatenates to the plain answer, stop strings,
+adapter admin under a root, and that bad requests get 4xx while the server keeps answering.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora
+from lora import LoraConfig
+from models.generate import SamplingConfig, generate, load_for_inference
+from models.tokenizer import load_tokenizer
+from serve.__main__ import ServeOptions, build_app
+from serve.adapters import AdapterRegistry
+from serve.engine import EngineConfig
+from serve.protocol import APIError, Limits
+from serve.server import make_server
+from tests.conftest import TASK_WORDS
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTERS = ["red", "green", "blue"]
+TARGETS = {"red": ["q_proj", "v_proj"], "green": ["q_proj", "k_proj", "v_proj", "o_proj"], "blue": "all-linear"}
+
+
+def make_adapter(base: Path, out: Path, name: str, seed: int) -> Path:
+    """A LoRA adapter with random non-zero weights (training would only be slower), saved as train.run does."""
+    from lora.adapter_io import save_adapter
+    from models.checkpoint import load_pretrained
+
+    model = load_pretrained(base, dtype="float32")
+    config = LoraConfig(r=4, alpha=8, target_modules=TARGETS[name], adapter_name=name)
+    lora.inject_lora(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.adapter_parameters(model, name).values():
+            p.copy_(torch.randn_like(p) * 0.4)
+    return save_adapter(model, out, config, base, adapter_name=name)
+
+
+@pytest.fixture(scope="module")
+def adapter_root(run_model, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    for i, name in enumerate(ADAPTERS):
+        make_adapter(run_model, root / name, name, seed=100 + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(run_model, adapter_root):
+    """(base url, app): the server on 127.0.0.1, port 0, in a thread; shut down after the module."""
+    opts = ServeOptions(
+        model=str(run_model), adapters={n: str(adapter_root / n) for n in ADAPTERS}, adapter_root=str(adapter_root),
+        device="cpu", dtype="float32",
+        engine=EngineConfig(max_batch=32, window_s=0.05),
+        limits=Limits(max_body_bytes=16_384, max_prompt_tokens=64, max_tokens=40),
+    )
+    app = build_app(opts)
+    httpd = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    host, port = httpd.server_address[:2]
+    yield f"http://{host}:{port}", app
+    httpd.shutdown()
+    httpd.server_close()
+    app.engine.stop()
+    thread.join(timeout=10)
+
+
+def call(url: str, body=None, method: str | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def stream(url: str, body: dict) -> list[dict | str]:
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        for block in resp.read().decode().split("\n\n"):
+            if block.strip():
+                assert block.startswith("data: ")
+                payload = block[len("data: "):]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def prompts(n: int) -> list[str]:
+    return [f"the {TASK_WORDS[i % 10]} {TASK_WORDS[(3 * i + 1) % 10]} is" + " the" * (i % 4) for i in range(n)]
+
+
+def reference(run_model: Path, adapter_dir: Path | None, prompt: str, max_tokens: int, **sampling) -> str:
+    """The prompt run alone through models.generate's generate()."""
+    tok = load_tokenizer(run_model)
+    model = reference.models.get(adapter_dir)
+    if model is None:
+        model = reference.models[adapter_dir] = load_for_inference(str(run_model), adapter_dir and str(adapter_dir), "float32", "cpu")
+    cfg = SamplingConfig(max_tokens, stop_ids=tuple(sorted(tok.stop_ids)), **sampling)
+    return tok.decode(generate(model, [tok.encode(prompt)], cfg, pad_id=tok.pad_id)[0], skip_special_tokens=True)
+
+
+reference.models = {}
+
+
+def test_concurrent_requests_over_three_adapters_are_batched_and_equal_each_run_alone(server, run_model, adapter_root):
+    url, app = server
+    texts = prompts(24)
+    jobs = [(ADAPTERS[i % 3], texts[i], 6 + i % 7) for i in range(24)]
+    body = lambda a, p, n: {"model": a, "prompt": p, "max_tokens": n, "temperature": 0}
+    before = app.engine.stats.max_rows
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda j: call(url + "/v1/completions", body(*j)), jobs))
+    assert all(status == 200 for status, _ in answers), answers
+    for (adapter, prompt, n), (_, out) in zip(jobs, answers):
+        choice = out["choices"][0]
+        assert out["model"] == adapter and out["object"] == "text_completion"
+        assert choice["text"] == reference(run_model, adapter_root / adapter, prompt, n), (adapter, prompt)
+        assert out["usage"]["completion_tokens"] <= n
+        assert choice["finish_reason"] == ("length" if out["usage"]["completion_tokens"] == n else "stop")
+    assert sum(bool(out["choices"][0]["text"]) for _, out in answers) >= 20  # real text, not just an EOS
+    stats = app.engine.stats
+    assert stats.max_rows > 1 and stats.max_adapters > 1, stats  # rows of several adapters shared a forward
+    assert stats.max_rows >= max(before, 8)
+    # The adapters really differ: one prompt, three answers.
+    assert len({reference(run_model, adapter_root / a, texts[0], 12) for a in ADAPTERS}) > 1
+
+    # A few against the CLI itself, as a user would run it.
+    for adapter, prompt, n in jobs[:2]:
+        cmd = [sys.executable, "-m", "models.generate", "--model", str(run_model), "--adapter", str(adapter_root / adapter),
+               "--prompt", prompt, "--max-new-tokens", str(n), "--temperature", "0", "--dtype", "float32", "--device", "cpu"]
+        cli = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert cli.returncode == 0, cli.stderr
+        expected = next(o for j, (_, o) in zip(jobs, answers) if j == (adapter, prompt, n))
+        assert cli.stdout[:-1] == expected["choices"][0]["text"]
+
+
+def test_base_model_name_picks_no_adapter_and_seeded_sampling_repeats_generate(server, run_model):
+    url, _ = server
+    prompt = prompts(3)[2]
+    status, out = call(url + "/v1/completions", {"model": str(run_model), "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert status == 200 and out["choices"][0]["text"] == reference(run_model, None, prompt, 8)
+    sampled = {"model": "green", "prompt": prompt, "max_tokens": 8, "temperature": 0.9, "top_p": 0.8, "seed": 7}
+    status, out = call(url + "/v1/completions", sampled)
+    assert status == 200
+    # generate() alone with the same seed draws the same samples: the row has its own generator
+    want = reference(run_model, Path(server[1].registry.directory("green")), prompt, 8, temperature=0.9, top_p=0.8, seed=7)
+    assert out["choices"][0]["text"] == want
+
+
+def test_stream_concatenates_to_the_plain_answer_with_and_without_stop_strings(server):
+    url, _ = server
+    body = {"model": "blue", "prompt": prompts(5)[4], "max_tokens": 16, "temperature": 0}
+    _, plain = call(url + "/v1/completions", body)
+    text = plain["choices"][0]["text"]
+    events = stream(url + "/v1/completions", body)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == text
+    assert events[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert all(e["id"] == events[0]["id"] for e in events[:-1])
+
+    assert len(text) >= 6, text
+    stop = text[3:5]
+    with_stop = {**body, "stop": [stop, "never-appears"]}
+    _, cut = call(url + "/v1/completions", with_stop)
+    assert cut["choices"][0]["text"] == text[: text.find(stop)]  # cut before the stop string, as OpenAI
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    events = stream(url + "/v1/completions", with_stop)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == cut["choices"][0]["text"]
+
+
+def test_chat_completions_apply_the_template_and_stream_deltas(server, run_model):
+    url, _ = server
+    tok = load_tokenizer(run_model)
+    messages = [{"role": "user", "content": "the cat is"}]
+    body = {"model": "red", "messages": messages, "max_tokens": 10, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    status, out = call(url + "/v1/chat/completions", body)
+    assert status == 200 and out["object"] == "chat.completion", out
+    message = out["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    prompt = tok.render_chat(messages, add_generation_prompt=True)
+    assert out["usage"]["prompt_tokens"] == len(tok.encode(prompt))
+    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+    events = stream(url + "/v1/chat/completions", body)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[0]["object"] == "chat.completion.chunk"
+    content = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+    assert content == message["content"]
+    assert events[-2]["usage"] == out["usage"] and events[-2]["choices"] == []
+
+
+def test_models_and_health(server, run_model):
+    url, _ = server
+    assert call(url + "/health") == (200, {"status": "ok"})
+    status, out = call(url + "/v1/models")
+    assert status == 200 and [m["id"] for m in out["data"]] == [str(run_model), *ADAPTERS]
+
+
+def _assert_error(status_body, status: int, code: str) -> None:
+    got, body = status_body
+    assert got == status, body
+    assert body["error"]["code"] == code and body["error"]["message"] and body["error"]["type"]
+
+
+def test_bad_requests_get_4xx_json_and_the_server_keeps_answering(server):
+    url, app = server
+    ok = {"model": "red", "prompt": "the sun is", "max_tokens": 3, "temperature": 0}
+    comp = url + "/v1/completions"
+    _assert_error(call(comp, raw=b"{not json"), 400, "invalid_json")
+    _assert_error(call(comp, raw=b"[1, 2]"), 400, "invalid_json")
+    _assert_error(call(comp, raw=b"x" * 20_000), 413, "body_too_large")
+    _assert_error(call(comp, {**ok, "model": "purple"}), 404, "model_not_found")
+    _assert_error(call(comp, {**ok, "max_tokens": 41}), 400, "max_tokens_too_large")
+    _assert_error(call(comp, {**ok, "prompt": "the moon " * 60}), 400, "context_length_exceeded")
+    _assert_error(call(comp, {**ok, "temperature": "hot"}), 400, "invalid_value")
+    _assert_error(call(comp, {**ok, "top_p": 0}), 400, "invalid_value")
+    _assert_error(call(comp, {**ok, "stop": [""]}), 400, "invalid_value")
+    _assert_error(call(comp, {**ok, "n": 2}), 400, "invalid_value")
+    _assert_error(call(url + "/v1/chat/completions", {**ok, "messages": [{"role": "user"}]}), 400, "invalid_value")
+    _assert_error(call(url + "/v1/nope"), 404, "not_found")
+    _assert_error(call(comp, method="GET"), 405, "method_not_allowed")
+
+    # An exception inside the engine fails that request only (500), and the engine goes on.
+    real = app.engine._generate
+
+    def broken(jobs):
+        raise RuntimeError("boom")
+
+    app.engine._generate = broken
+    try:
+        _assert_error(call(comp, ok), 500, "internal_error")
+    finally:
+        app.engine._generate = real
+    assert call(url + "/health")[0] == 200
+    status, out = call(comp, ok)
+    assert status == 200 and out["choices"][0]["text"] is not None
+
+
+def test_admin_loads_and_unloads_adapters_only_from_under_the_root(server, run_model, adapter_root, tmp_path):
+    url, _ = server
+    admin = url + "/admin/adapters"
+    body = {"prompt": "the dog is", "max_tokens": 6, "temperature": 0}
+    status, out = call(admin, {"name": "red2", "path": "red"})  # relative to the root
+    assert status == 200, out
+    _, red = call(url + "/v1/completions", {**body, "model": "red"})
+    _, red2 = call(url + "/v1/completions", {**body, "model": "red2"})
+    assert red2["choices"][0]["text"] == red["choices"][0]["text"]  # same files, same answers
+    _assert_error(call(admin, {"name": "red2", "path": "red"}), 409, "adapter_exists")
+    assert call(admin + "/red2", method="DELETE")[0] == 200
+    _assert_error(call(url + "/v1/completions", {**body, "model": "red2"}), 404, "model_not_found")
+    _assert_error(call(admin + "/red2", method="DELETE"), 404, "adapter_not_found")
+
+    outside = make_adapter(run_model, tmp_path / "outside", "red", seed=1)
+    (adapter_root / "sneaky").symlink_to(outside, target_is_directory=True)
+    _assert_error(call(admin, {"name": "x", "path": str(outside)}), 403, "path_not_allowed")
+    _assert_error(call(admin, {"name": "x", "path": "../" + outside.parent.name + "/outside"}), 403, "path_not_allowed")
+    _assert_error(call(admin, {"name": "x", "path": "sneaky"}), 403, "path_not_allowed")  # symlink out of the root
+    _assert_error(call(admin, {"name": "x", "path": "nothing-here"}), 400, "adapter_not_found")
+    _assert_error(call(admin, {"name": "bad name!", "path": "red"}), 400, "invalid_name")
+    _assert_error(call(admin, {"name": str(run_model), "path": "red"}), 400, "invalid_name")
+    assert [m["id"] for m in call(url + "/v1/models")[1]["data"]][1:] == ADAPTERS
+    assert call(url + "/v1/completions", {**body, "model": "red"})[0] == 200
+
+
+def test_admin_is_disabled_without_a_root():
+    registry = AdapterRegistry(model=None, lock=threading.Lock(), base_name="base", root=None, quantized=False)
+    with pytest.raises(APIError) as err:
+        registry.path_under_root("anything")
+    assert err.value.status == 403 and err.value.code == "admin_disabled"
+
+
+def test_4bit_base_serves_adapters_as_generate_does_on_the_same_4bit_base(run_model, adapter_root):
+    from lora.adapter_io import load_adapter
+    from models.checkpoint import load_pretrained
+
+    opts = ServeOptions(model=str(run_model), adapters={"red": str(adapter_root / "red")}, load_in_4bit=True,
+                        device="cpu", dtype="float32", served_model_name="tiny")
+    app = build_app(opts)
+    httpd = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/completions"
+        tok = load_tokenizer(run_model)
+        model = load_pretrained(run_model, dtype="float32", quantize="nf4")
+        load_adapter(model, adapter_root / "red")
+        for name in ("tiny", "red"):
+            status, out = call(url, {"model": name, "prompt": "the tree is", "max_tokens": 6, "temperature": 0})
+            assert status == 200, out
+            with (lora.disable_adapters(model) if name == "tiny" else torch.no_grad()):
+                ids = generate(model.eval(), [tok.encode("the tree is")], SamplingConfig(6, stop_ids=tuple(tok.stop_ids)),
+                               pad_id=tok.pad_id)[0]
+            assert out["choices"][0]["text"] == tok.decode(ids)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        app.engine.stop()
+
+
+def make_virtual_adapter(base: Path, out: Path, kind: str, seed: int) -> Path:
+    """A prompt- or prefix-tuning adapter with random virtual tokens, in PEFT's format."""
+    from models.checkpoint import load_pretrained
+    from models.virtual_tokens import PrefixEncoder, PromptEmbedding, attach
+    from models.virtual_tokens_io import save_virtual_tokens
+
+    model = load_pretrained(base, dtype="float32")
+    torch.manual_seed(seed)
+    module = PromptEmbedding(4, model.config.hidden_size) if kind == "prompt" else PrefixEncoder(3, model.config)
+    with torch.no_grad():
+        module.embedding.normal_(0, 1.0)
+    attach(model, module)
+    return save_virtual_tokens(model, out, base)
+
+
+def test_prompt_and_prefix_adapters_are_served_beside_lora_ones(server, run_model, adapter_root):
+    url, app = server
+    for kind in ("prompt", "prefix"):
+        make_virtual_adapter(run_model, adapter_root / kind, kind, seed=5)
+        assert call(url + "/admin/adapters", {"name": kind, "path": kind})[0] == 200
+    try:
+        texts = prompts(8)
+        jobs = [(["prompt", "prefix", "red", str(run_model)][i % 4], texts[i], 5 + i % 3) for i in range(8)]
+        body = lambda a, p, n: {"model": a, "prompt": p, "max_tokens": n, "temperature": 0}
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda j: call(url + "/v1/completions", body(*j)), jobs))
+        for (adapter, prompt, n), (status, out) in zip(jobs, answers):
+            assert status == 200, out
+            directory = None if adapter == str(run_model) else adapter_root / adapter
+            assert out["choices"][0]["text"] == reference(run_model, directory, prompt, n), adapter
+        # The virtual tokens change the answer, and are gone from the model between batches.
+        assert reference(run_model, adapter_root / "prompt", texts[0], 6) != reference(run_model, None, texts[0], 6)
+        assert app.engine.model.virtual_tokens is None
+    finally:
+        for kind in ("prompt", "prefix"):
+            call(url + "/admin/adapters/" + kind, method="DELETE")
+    assert [m["id"] for m in call(url + "/v1/models")[1]["data"]][1:] == ADAPTERS
