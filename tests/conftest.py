@@ -48,6 +48,17 @@ VARIANTS = {
 }
 
 
+def left_padded_batch(vocab: int, seed: int = 1, length: int = 14, pads: tuple[int, ...] = (0, 5, 9)):
+    """Random ids [len(pads), length] and mask (1 = real token), row i padded on the left by pads[i]."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(pads), length), generator=g)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
 def _hf_classes(model_type: str):
     import transformers
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import models
 from models.checkpoint import read_safetensors_header
 from models.hub import CheckpointError
-from tests.test_decoder import left_padded_batch
+from tests.conftest import left_padded_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,17 +4,7 @@ import torch
 
 import models
 from models.generate import SamplingConfig, generate
-from tests.conftest import VARIANTS
-
-
-def left_padded_batch(vocab: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (3, 14), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    mask[2, :9] = 0
-    ids[mask == 0] = 0
-    return ids, mask
+from tests.conftest import VARIANTS, left_padded_batch
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -10,8 +10,8 @@ import torch
 
 import models
 from quant.linear import NF4Linear
+from tests.conftest import left_padded_batch
 from tests.test_checkpoint import _write_big_bf16_checkpoint
-from tests.test_decoder import left_padded_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_cached_hub_snapshot_loads_without_touching_the_network(hf_checkpoint, t
     script = textwrap.dedent(
         """
         import torch, models
-        from tests.test_decoder import left_padded_batch
+        from tests.conftest import left_padded_batch
         m = models.load_pretrained("someone/tiny-qwen")
         ids, mask = left_padded_batch(m.config.vocab_size)
         torch.save(m(ids, attention_mask=mask).detach(), "logits.pt")

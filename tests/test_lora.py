@@ -13,6 +13,7 @@ from torch import nn
 import lora
 from lora import LoraConfig, LoRALinear
 from models import CheckpointError, Decoder, ModelConfig
+from tests.conftest import left_padded_batch
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
@@ -33,15 +34,21 @@ def tiny_decoder(seed: int = 0, **overrides) -> Decoder:
     return model
 
 
+def train_steps(model: nn.Module, params, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
+    """A few AdamW steps of next-token loss on `params` (model in train mode)."""
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        logits = model(ids, attention_mask=mask)
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def batch(vocab: int = 61, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A left-padded batch: ids [3,10], mask [3,10] with 1 on real tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (3, 10), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    ids[mask == 0] = 0
-    return ids, mask
+    return left_padded_batch(vocab, seed, length=10, pads=(0, 3, 6))
 
 
 @torch.no_grad()
@@ -116,15 +123,8 @@ def test_optimizer_steps_change_only_adapter_parameters():
     lora.inject_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear", use_dora=True))
     adapter = lora.adapter_parameters(model, "default")
     start = {k: p.detach().clone() for k, p in adapter.items()}
-    opt = torch.optim.AdamW(adapter.values(), lr=1e-2)
     ids, mask = batch()
-    model.train()
-    for _ in range(3):
-        logits = model(ids, attention_mask=mask)
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(model, adapter.values(), ids, mask, steps=3)
     after = model.state_dict()
     for key, value in before.items():  # every base tensor bit-identical
         wrapped = key.replace("_proj.", "_proj.base.") if "_proj." in key else key
@@ -368,14 +368,7 @@ def test_qlora_fresh_equals_base_and_training_touches_only_adapters(hf_checkpoin
     assert trainable == n_adapter and total == total_before + n_adapter
     # 4-bit weights count as parameters, as PEFT counts bitsandbytes' packed weights.
     assert total_before == sum(p.numel() for p in models.load_pretrained(path).parameters())
-    opt = torch.optim.AdamW(lora.adapter_parameters(model, "default").values(), lr=1e-2)
-    model.train()
-    for _ in range(2):
-        logits = model(ids, attention_mask=mask)
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(model, lora.adapter_parameters(model, "default").values(), ids, mask, steps=2)
     after = model.state_dict()
     for key, value in before.items():
         wrapped = key.replace("_proj.", "_proj.base.") if "_proj." in key else key

@@ -12,7 +12,7 @@ import torch
 import lora
 import models
 from lora import LoraConfig
-from tests.test_decoder import left_padded_batch
+from tests.conftest import left_padded_batch
 from tests.test_lora import VARIANTS, randomize_adapter
 
 peft = pytest.importorskip("peft")

@@ -15,7 +15,7 @@ import lora
 import models
 from lora import LoraConfig
 from lora.merge import main as merge_main
-from tests.test_decoder import left_padded_batch
+from tests.conftest import left_padded_batch
 from tests.test_lora import KINDS, VARIANTS, batch, randomize_adapter, tiny_decoder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,7 @@ import models
 from models.generate import SamplingConfig, generate, load_for_inference
 from models.virtual_tokens import PrefixEncoder, PromptEmbedding, attach
 from models.virtual_tokens_io import load_virtual_tokens, save_virtual_tokens
-from tests.conftest import make_task_data
-from tests.test_decoder import left_padded_batch
+from tests.conftest import left_padded_batch, make_task_data
 from train.run import main
 
 N = 4
