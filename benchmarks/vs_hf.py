@@ -1,0 +1,346 @@
+"""This project's trainer vs Hugging Face Trainer + PEFT (+ bitsandbytes): tokens/s, peak memory, loss.
+
+    OMP_NUM_THREADS=2 python -m benchmarks.vs_hf [--quick] [--methods lora,qlora,full] [--json PATH] [--profile]
+
+One random Llama in a published shape (SmolLM2-135M by default; --quick: a ~33M-parameter shape)
+is saved once; each (implementation, method) pair then trains it in a fresh process on the same
+synthetic token rows, with the same sequence length, batch, steps, optimizer (AdamW, constant lr,
+no weight decay, clip 1.0), LoRA settings (r=16, alpha=32, dropout 0.05 on q,k,v,o) and precision
+(bf16 autocast on the CPU; HF: TrainingArguments(bf16=True, use_cpu=True)).
+
+- ours: `train.methods.build_model` + `train.loop.train_step`, the functions `train.run` uses
+  (no evaluation, checkpoints or logging files, so only the step itself is timed).
+- hf:   `LlamaForCausalLM` (+ `peft.get_peft_model`; qlora: `BitsAndBytesConfig` nf4 4-bit) + `Trainer`.
+
+tokens/s counts the steps after --warmup steps. Peak memory is VmHWM (peak resident set) minus the
+resident set measured after that process's imports and before the model is built, so the two
+sides' different import footprints (transformers + peft are large) cancel out; the absolute
+VmHWM is in the JSON as peak_rss_mib. The utilisation line divides achieved FLOP/s (6N per token
+for full, 4N_frozen + 6N_adapter for LoRA) by bf16 and fp32 matmul rates timed in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
+QUICK = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 10, "num_attention_heads": 8,
+         "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 8192, "tie_word_embeddings": True}
+LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+
+
+# ------------------------------------------------------------------------------------- helpers
+def rss_mib(field: str = "VmRSS") -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def synthetic_rows(vocab: int, rows: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """The same random token rows for both sides (labels = inputs; both shift internally)."""
+    return torch.randint(0, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def build_model(out_dir: Path, shape: dict) -> Path:
+    """A random Llama of `shape`, saved in Hugging Face format (no tokenizer: the data is token ids)."""
+    from models.checkpoint import save_pretrained
+    from models.config import ModelConfig
+    from models.decoder import Decoder
+
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig.from_hf_dict({**_base_config(), **shape, "max_position_embeddings": 4096}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                torch.nn.init.normal_(p, std=0.02)
+    save_pretrained(model, out_dir)
+    return out_dir
+
+
+def _base_config() -> dict:
+    from models.demo import DEMO_MODEL_CONFIG
+
+    return dict(DEMO_MODEL_CONFIG)
+
+
+def param_counts(shape: dict) -> tuple[int, int]:
+    """(all parameters with the tied head counted once, LoRA adapter parameters) for `shape`."""
+    h, i, n = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    q, kv = shape["num_attention_heads"] * shape["head_dim"], shape["num_key_value_heads"] * shape["head_dim"]
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
+    total = n * per_layer + shape["vocab_size"] * h * (1 if shape["tie_word_embeddings"] else 2) + h
+    r = LORA["r"]
+    adapter = n * r * ((h + q) + 2 * (h + kv) + (q + h))
+    return total, adapter
+
+
+def matmul_tflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-reps dense matmul rate, TFLOP/s: the ceiling the training step is compared with."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+# -------------------------------------------------------------------------------------- workers
+def worker_ours(args: argparse.Namespace, base_rss: float) -> dict:
+    from train.config import TrainConfig
+    from train.loop import build_optimizer, train_step
+    from train.methods import build_model as build_ours
+
+    cfg = TrainConfig()
+    cfg.run.method = args.method
+    cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
+    cfg.lora.target_modules = list(LORA["targets"])
+    device = torch.device("cpu")
+    model = build_ours(cfg, args.model, device, torch.bfloat16)
+    loaded = rss_mib("VmHWM") - base_rss
+    opt = build_optimizer(model, LR[args.method], 0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    rows = synthetic_rows(args.vocab, args.batch * (args.warmup + args.steps), args.seq)
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        x = rows[step * args.batch : (step + 1) * args.batch]
+        last = step == args.warmup + args.steps - 1
+        with _profiler(bool(getattr(args, "profile", False)) and last):
+            t0 = time.perf_counter()
+            res = train_step(model, opt, sched, [{"input_ids": x, "labels": x}], device, torch.bfloat16, 1.0)
+            times.append(time.perf_counter() - t0)
+        losses.append(res.loss)
+    return _result(args, times, losses, base_rss, loaded)
+
+
+@contextlib.contextmanager
+def _profiler(on: bool):
+    """torch.profiler around one step when `on`: top ops by time and by allocated memory, to stderr."""
+    if not on:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
+    print(table.table(sort_by="self_cpu_memory_usage", row_limit=12), file=sys.stderr)
+
+
+def worker_hf(args: argparse.Namespace, base_rss: float) -> dict:
+    import transformers
+    from transformers import (
+        LlamaForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    transformers.logging.set_verbosity_error()
+    kwargs: dict = {"dtype": torch.float32 if args.method == "full" else torch.bfloat16}
+    if args.method == "qlora":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    model = LlamaForCausalLM.from_pretrained(args.model, **kwargs)
+    if args.method != "full":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                                 target_modules=LORA["targets"], task_type="CAUSAL_LM"))
+    loaded = rss_mib("VmHWM") - base_rss
+    rows = synthetic_rows(args.vocab, args.batch * (args.warmup + args.steps), args.seq)
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    times, losses, clock = [], [], {}
+
+    class Clock(TrainerCallback):
+        """Wall time per optimizer step, and the loss Trainer logs for it."""
+
+        def on_step_begin(self, *a, **k):
+            clock["t0"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - clock["t0"])
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    targs = TrainingArguments(output_dir=args.out, per_device_train_batch_size=args.batch,
+                              max_steps=args.warmup + args.steps, learning_rate=LR[args.method], weight_decay=0.0,
+                              lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, bf16=True,
+                              use_cpu=True, logging_steps=1, save_strategy="no", report_to=[],
+                              dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    Trainer(model=model, args=targs, train_dataset=data, callbacks=[Clock()]).train()
+    return _result(args, times, losses, base_rss, loaded)
+
+
+def _result(args: argparse.Namespace, times: list[float], losses: list[float], base_rss: float, loaded: float) -> dict:
+    """One row; load_peak_mib is VmHWM - base right after the model was built (before any step)."""
+    measured = times[args.warmup :]
+    return {"impl": args.worker, "method": args.method,
+            "tokens_per_s": args.batch * args.seq * len(measured) / sum(measured),
+            "step_s": measured, "peak_mem_mib": rss_mib("VmHWM") - base_rss, "peak_rss_mib": rss_mib("VmHWM"),
+            "base_rss_mib": base_rss, "load_peak_mib": loaded, "final_loss": losses[-1] if losses else None}
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """Worker entry: imports first (the baseline RSS is taken after them), then train, then one JSON line."""
+    if args.worker == "hf":
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    else:
+        import train.loop
+        import train.methods  # noqa: F401
+    base = rss_mib()
+    result = worker_ours(args, base) if args.worker == "ours" else worker_hf(args, base)
+    print("RESULT " + json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------- parent
+def spawn(impl: str, method: str, model: Path, out: Path, opts: argparse.Namespace, vocab: int) -> dict:
+    """One run in a fresh interpreter, so its peak RSS is its own; an error is returned, not raised."""
+    cmd = [sys.executable, "-m", "benchmarks.vs_hf", "--worker", impl, "--method", method, "--model", str(model),
+           "--out", str(out), "--seq", str(opts.seq), "--batch", str(opts.batch), "--steps", str(opts.steps),
+           "--warmup", str(opts.warmup), "--vocab", str(vocab)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))})
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"impl": impl, "method": method, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+
+
+def flops_per_token(method: str, shape: dict) -> float:
+    """Training FLOPs per token: 6N for full; frozen weights need no weight gradient, so 4N + 6N_adapter."""
+    total, adapter = param_counts(shape)
+    return 6.0 * total if method == "full" else 4.0 * total + 6.0 * adapter
+
+
+def report(rows: list[dict], shape: dict, rates: dict[str, float]) -> str:
+    """The markdown tables: per-row numbers, ours/hf ratios, utilisation."""
+    lines = ["| impl | method | tokens/s | step s (min-max) | peak MiB (VmHWM - base) | of which at load | abs VmHWM MiB | final loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['method']} | failed: {' '.join(r['error'])[:120]} | | | | | |")
+        else:
+            lines.append(f"| {r['impl']} | {r['method']} | {r['tokens_per_s']:,.1f} | {min(r['step_s']):.2f}-{max(r['step_s']):.2f} "
+                         f"| {r['peak_mem_mib']:,.0f} | {r['load_peak_mib']:,.0f} "
+                         f"| {r['peak_rss_mib']:,.0f} | {r['final_loss']:.4f} |")
+    lines += ["", "| method | tokens/s ours/hf | peak memory ours/hf |", "|---|---:|---:|"]
+    by = {(r["impl"], r["method"]): r for r in rows if "error" not in r}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        if ("ours", m) in by and ("hf", m) in by:
+            o, h = by[("ours", m)], by[("hf", m)]
+            lines.append(f"| {m} | {o['tokens_per_s'] / h['tokens_per_s']:.2f} | "
+                         f"{o['peak_mem_mib'] / h['peak_mem_mib']:.2f} |")
+    lines += ["", f"Matmul ceiling (2048^3, this run): bf16 {rates['bf16']:.2f} TFLOP/s, fp32 {rates['fp32']:.2f} TFLOP/s", "",
+              "| impl | method | achieved GFLOP/s | % of bf16 matmul | % of fp32 matmul |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" not in r:
+            achieved = flops_per_token(r["method"], shape) * r["tokens_per_s"] / 1e12
+            lines.append(f"| {r['impl']} | {r['method']} | {achieved * 1e3:,.1f} | {100 * achieved / rates['bf16']:.1f}% "
+                         f"| {100 * achieved / rates['fp32']:.1f}% |")
+    return "\n".join(lines)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception as err:  # noqa: BLE001  (a missing or broken package is reported, not fatal)
+            out[name] = f"unavailable ({type(err).__name__})"
+    return out
+
+
+def machine() -> dict:
+    with open("/proc/cpuinfo") as info:
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "?")
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "bf16_units": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "platform": platform.platform()}
+
+
+def profile_ours(args: argparse.Namespace, shape: dict) -> int:
+    """Profile our step per method (the tables go to stderr); no memory numbers: one shared process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(Path(args.keep or tmp) / "model", shape)
+        for method in args.methods.split(","):
+            ns = argparse.Namespace(**{**vars(args), "worker": "ours", "method": method, "model": str(model),
+                                       "vocab": shape["vocab_size"]})
+            print(f"== ours {method}", file=sys.stderr)
+            print(json.dumps(worker_ours(ns, rss_mib())))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.vs_hf", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="~33M-parameter shape, 2 x 256 tokens, 2+6 steps (~1.5 min on 2 idle cores)")
+    p.add_argument("--methods", default="lora,qlora,full")
+    p.add_argument("--seq", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--steps", type=int, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 2)")
+    p.add_argument("--json", help="write machine, versions and rows here")
+    p.add_argument("--keep", help="build the model in this directory instead of a temporary one")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of comparing: profile the last step of ours for each --methods, in this process")
+    # worker-only flags (the parent passes them to its child processes)
+    p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+    shape = QUICK if args.quick else SMOLLM2_135M
+    args.seq = args.seq or (256 if args.quick else 512)
+    args.batch = args.batch or 2
+    args.steps = args.steps or (6 if args.quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else 2
+    from tqdm import tqdm
+
+    rates = {"bf16": matmul_tflops(torch.bfloat16), "fp32": matmul_tflops(torch.float32)}
+    if args.profile:
+        return profile_ours(args, shape)
+    pairs = [(impl, m) for m in args.methods.split(",") for impl in ("ours", "hf")]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep or tmp)
+        model = build_model(root / "model", shape)
+        rows = [spawn(impl, m, model, root / f"{impl}-{m}", args, shape["vocab_size"])
+                for impl, m in tqdm(pairs, desc="runs", unit="run")]
+    total, adapter = param_counts(shape)
+    print(f"\nRandom Llama, {total / 1e6:.1f}M parameters ({shape['num_hidden_layers']} layers, hidden "
+          f"{shape['hidden_size']}, LoRA adapters {adapter / 1e6:.2f}M, vocab {shape['vocab_size']}), batch {args.batch} x {args.seq} tokens, "
+          f"{args.warmup} warm-up + {args.steps} timed steps, bf16 autocast, CPU, {torch.get_num_threads()} threads\n")
+    print(report(rows, shape, rates))
+    if args.json:
+        doc = {"machine": machine(), "versions": versions(), "shape": shape, "seq": args.seq, "batch": args.batch,
+               "steps": args.steps, "warmup": args.warmup, "matmul_tflops": rates, "rows": rows}
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
