@@ -20,6 +20,7 @@ from models.checkpoint import save_pretrained
 from models.config import ModelConfig
 from models.decoder import Decoder
 from models.demo import DEMO_MODEL_CONFIG, build_demo_tokenizer, demo_cache_dir, demo_corpus, demo_text_corpus
+from models.tokenizer import load_tokenizer
 
 BASE_SEED = 1234
 BASE_STEPS = 800  # pretraining steps of the demo base: about 2.5 minutes on 2 CPU cores
@@ -58,9 +59,7 @@ def ensure_demo_data() -> Path:
 def _init_base(out_dir: Path) -> Path:
     """Random tiny Llama (GPT-2-style N(0, 0.02) init) plus the demo tokenizer, in HF format."""
     build_demo_tokenizer(out_dir)
-    vocab = json.loads((out_dir / "tokenizer.json").read_text())["model"]["vocab"]
-    added = json.loads((out_dir / "tokenizer.json").read_text()).get("added_tokens", [])
-    hf = {**DEMO_MODEL_CONFIG, "vocab_size": max(len(vocab), max((t["id"] for t in added), default=0) + 1)}
+    hf = {**DEMO_MODEL_CONFIG, "vocab_size": load_tokenizer(out_dir).vocab_size}
     torch.manual_seed(BASE_SEED)
     model = Decoder(ModelConfig.from_hf_dict(hf))
     with torch.no_grad():
