@@ -139,8 +139,8 @@ def _poison(monkeypatch, bad_steps: set[int]):
     """Make the training loss NaN on the given optimizer steps (1-based); evaluation is untouched."""
     real, seen = loop_mod.forward_loss_sum, {"n": 0}
 
-    def forward(model, batch):
-        summed, n = real(model, batch)
+    def forward(model, batch, wrapped=None):
+        summed, n = real(model, batch, wrapped)
         if model.training:
             seen["n"] += 1
             if seen["n"] in bad_steps:

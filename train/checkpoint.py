@@ -3,8 +3,12 @@
 Layout of `<output-dir>/checkpoints/step-00000100/`:
     trainable.safetensors   the trainable tensors by parameter name (float32 master copies)
     optimizer.pt            the optimizer's state_dict (tensors and plain values only)
-    rng.safetensors         torch CPU (and CUDA) generator states
+    rng.safetensors         torch CPU (and CUDA) generator states; other ranks' as `rank<r>.<name>`
     state.json              step, data position, evaluation history, early stopping, python/numpy RNG
+                            (rank 0's at the top level, other ranks' under "ranks")
+
+A run over several processes writes one checkpoint (rank 0 writes it) holding the full trainable
+tensors and optimizer state, plus every rank's random-generator states so that dropout replays.
 
 A checkpoint is written into a hidden temporary directory, flushed to disk, and renamed into place;
 `state.json` is its last file. So a directory named `step-*` exists only when complete, and a crash
@@ -57,6 +61,8 @@ class TrainerState:
     stopped: bool = False  # a stopping rule ended the run here: a resume must not train further
     tokens_seen: int = 0
     elapsed_s: float = 0.0
+    world_size: int = 1  # processes that trained it: a resume must use as many
+    fsdp: bool = False  # optimizer state keyed by parameter name (FSDP2) instead of by index
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,12 +81,23 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             p.copy_(tensors[name])
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"torch_cpu": torch.get_rng_state()}
+@dataclass
+class RngState:
+    """One process's random generators: torch (CPU, CUDA), python's `random`, numpy's global."""
+
+    tensors: dict[str, torch.Tensor]
+    python: list
+    numpy: dict
+
+
+def rng_state() -> RngState:
+    """This process's generator states, to save with a checkpoint."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"torch_cuda_{i}"] = s
-    return out
+            tensors[f"torch_cuda_{i}"] = s
+    py, np_state = _python_rng()
+    return RngState(tensors, py, np_state)
 
 
 def _restore_rng(tensors: dict[str, torch.Tensor], py_state: list, np_state: dict) -> None:
@@ -122,17 +139,22 @@ def _write_synced(path: Path, write) -> None:
 
 def save_checkpoint(
     ckpt_root: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     state: TrainerState,
     config: dict[str, Any],
+    rngs: list[RngState] | None = None,
 ) -> Path:
-    """Write checkpoint `step-<state.step>` atomically under `ckpt_root`; return its path."""
+    """Write checkpoint `step-<state.step>` atomically under `ckpt_root`; return its path.
+
+    tensors: trainable_state(model) (full tensors); optimizer_state: optimizer.state_dict();
+    rngs: every rank's rng_state(), rank 0 first (default: this process's).
+    """
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{STEP_PREFIX}{state.step:08d}"
     tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
     try:
-        _write_dir(tmp, model, optimizer, state, config)
+        _write_dir(tmp, tensors, optimizer_state, state, config, rngs or [rng_state()])
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
             _delete(final)
         os.replace(tmp, final)
@@ -143,17 +165,18 @@ def save_checkpoint(
     return final
 
 
-def _write_dir(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
-               config: dict[str, Any]) -> None:
+def _write_dir(tmp: Path, tensors: dict[str, torch.Tensor], optimizer_state: dict[str, Any], state: TrainerState,
+               config: dict[str, Any], rngs: list[RngState]) -> None:
     """All files of one checkpoint into `tmp`, state.json last, each fsynced."""
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    py_rng, np_rng = _python_rng()
-    _write_synced(tmp / "trainable.safetensors", lambda p: save_file(trainable_state(model), str(p)))
-    _write_synced(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
-    _write_synced(tmp / "rng.safetensors", lambda p: save_file(_rng_tensors(), str(p)))
-    payload = {"trainer": state.__dict__, "python_rng": py_rng, "numpy_rng": np_rng, "config": config}
+    rng_tensors = {(f"rank{r}." if r else "") + k: v for r, rng in enumerate(rngs) for k, v in rng.tensors.items()}
+    _write_synced(tmp / "trainable.safetensors", lambda p: save_file(tensors, str(p)))
+    _write_synced(tmp / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
+    _write_synced(tmp / "rng.safetensors", lambda p: save_file(rng_tensors, str(p)))
+    payload = {"trainer": state.__dict__, "python_rng": rngs[0].python, "numpy_rng": rngs[0].numpy,
+               "ranks": [{"python_rng": r.python, "numpy_rng": r.numpy} for r in rngs[1:]], "config": config}
     _write_synced(tmp / "state.json", lambda p: p.write_text(json.dumps(payload, indent=1)))
     _fsync_dir(tmp)
 
@@ -188,14 +211,39 @@ def prune(ckpt_root: Path, keep_last: int, keep: set[Path] = frozenset()) -> Non
             _delete(p)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainerState:
-    """Restore model tensors, optimizer, RNG states; return the trainer state."""
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")), path)
-    if optimizer is not None:
-        optimizer.load_state_dict(load_optimizer_state(path / "optimizer.pt"))
+def read_checkpoint(path: Path, rank: int = 0, world_size: int = 1,
+                    fsdp: bool = False) -> tuple[TrainerState, dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainer state, trainable tensors, optimizer state) of a checkpoint; restores rank `rank`'s RNGs.
+
+    The checkpoint must come from a run with the same number of processes and the same sharding
+    (CheckpointError otherwise): each rank's data share and random stream depend on them.
+    """
     payload = json.loads((path / "state.json").read_text())
-    _restore_rng(load_file(str(path / "rng.safetensors")), payload["python_rng"], payload["numpy_rng"])
-    return TrainerState(**payload["trainer"])
+    saved = (payload["trainer"].get("world_size", 1), payload["trainer"].get("fsdp", False))
+    if saved != (world_size, fsdp):
+        def layout(n: int, sharded: bool) -> str:
+            return f"{n} process{'es' if n > 1 else ''}" + (" with --fsdp" if sharded else "")
+        raise CheckpointError(f"{path}: written by a run on {layout(*saved)}; this run has "
+                              f"{layout(world_size, fsdp)}: resume with the same layout")
+    tensors = load_file(str(path / "trainable.safetensors"))
+    optimizer_state = load_optimizer_state(path / "optimizer.pt")
+    rng = load_file(str(path / "rng.safetensors"))
+    if rank == 0:
+        _restore_rng(rng, payload["python_rng"], payload["numpy_rng"])
+    else:
+        mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")}
+        other = payload["ranks"][rank - 1]
+        _restore_rng(mine, other["python_rng"], other["numpy_rng"])
+    return TrainerState(**payload["trainer"]), tensors, optimizer_state
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainerState:
+    """Restore model tensors, optimizer, RNG states (one process); return the trainer state."""
+    state, tensors, optimizer_state = read_checkpoint(path)
+    load_trainable_state(model, tensors, path)
+    if optimizer is not None:
+        optimizer.load_state_dict(optimizer_state)
+    return state
 
 
 def load_optimizer_state(path: Path) -> dict[str, Any]:

@@ -73,6 +73,8 @@ class RunConfig:
     resume: str | None = _f(None, "--resume", "resume from a checkpoint dir; bare flag: the latest in output-dir",
                             nargs="?", const="latest")
     overwrite: bool = _f(False, "--overwrite", "allow writing into a non-empty output dir without resuming")
+    fsdp: bool = _f(False, "--fsdp", "under torchrun: shard weights, gradients and optimizer state with FSDP2 "
+                    "(full and lora; default: DDP, a full replica per process)")
 
 
 @dataclass
@@ -204,6 +206,9 @@ class TrainConfig:
             raise ConfigError("--val-data and --val-fraction are exclusive: give one", field="data.val_fraction")
         if self.run.resume is not None and self.run.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other", field="run.overwrite")
+        if self.run.fsdp and self.run.method not in ("full", "lora"):
+            raise ConfigError(f"--fsdp shards full and lora training; --method {self.run.method} trains few "
+                              "enough parameters for DDP (run torchrun without --fsdp)", field="run.fsdp")
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from train.config import DataConfig
 
 IGNORE_INDEX = -100
+# Key of a micro-batch that a rank runs with zero weight only because another rank has rows at that
+# point (its own share is empty): every rank must run the same forward/backward calls in a step.
+PLACEHOLDER = "placeholder"
 SHAPES = ("text", "prompt_completion", "alpaca", "chat")
 
 # Stanford Alpaca's templates (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), verbatim.
@@ -422,6 +425,8 @@ def count_target_tokens(batch: Mapping[str, torch.Tensor] | torch.Tensor) -> int
     of a step and divide the summed loss by it, so a step's loss is a mean over its target tokens
     however they are spread over micro-batches. Call it on the CPU batch to avoid a device sync.
     """
+    if isinstance(batch, Mapping) and PLACEHOLDER in batch:
+        return 0
     labels = batch["labels"] if isinstance(batch, Mapping) else batch
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
@@ -504,18 +509,31 @@ class BatchSampler:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
+def rank_share(n: int, rank: int, world_size: int) -> slice:
+    """Rank `rank`'s contiguous part of n items; parts differ by at most one (lower ranks get more)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
 class StepLoader:
     """Collated micro-batches for each optimizer step: `loader.next_step() -> [batch, ...]`.
 
     Endless (epochs follow each other); the loop decides when to stop, e.g. after
     total_steps_for(loader.steps_per_epoch, epochs, max_steps) steps. Save `state_dict()` with each
     checkpoint and `load_state_dict()` it on resume.
+
+    With world_size > 1 processes, each micro-batch is drawn as one global batch of
+    batch_size * world_size items (the same on every rank) and rank r keeps its share, so the union
+    over ranks is exactly what one process with that batch size would see. A rank whose share of a
+    short last micro-batch is empty gets a PLACEHOLDER batch (zero weight) to keep in step.
     """
 
     def __init__(self, items: Sequence[Example | PackedRow], batch_size: int, pad_id: int,
-                 grad_accum: int = 1, seed: int = 0, shuffle: bool = True) -> None:
-        self.items, self.pad_id = items, pad_id
-        self.sampler = BatchSampler(len(items), batch_size, grad_accum, seed, shuffle)
+                 grad_accum: int = 1, seed: int = 0, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.items, self.pad_id, self.rank, self.world_size = items, pad_id, rank, world_size
+        self.sampler = BatchSampler(len(items), batch_size * world_size, grad_accum, seed, shuffle)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -527,7 +545,13 @@ class StepLoader:
         return self.sampler.epoch
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
-        return [collate([self.items[i] for i in batch], self.pad_id) for batch in self.sampler.next_step()]
+        return [self._collate_share(batch) for batch in self.sampler.next_step()]
+
+    def _collate_share(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        mine = batch[rank_share(len(batch), self.rank, self.world_size)]
+        if not mine:
+            return {**collate([self.items[batch[0]]], self.pad_id), PLACEHOLDER: torch.ones(())}
+        return collate([self.items[i] for i in mine], self.pad_id)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
@@ -536,9 +560,19 @@ class StepLoader:
         self.sampler.load_state_dict(state)
 
 
-def eval_batches(items: Sequence[Example | PackedRow], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Every item once, in order, collated into batches of `batch_size` (the last may be smaller)."""
-    return [collate(items[i : i + batch_size], pad_id) for i in range(0, len(items), batch_size)]
+def eval_batches(items: Sequence[Example | PackedRow], batch_size: int, pad_id: int, rank: int = 0,
+                 world_size: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Every item once, in order, collated into batches of `batch_size` (the last may be smaller).
+
+    With world_size > 1: rank `rank`'s share of the items only, padded with PLACEHOLDER batches to
+    the same number of batches on every rank (sharded models need every rank in every forward).
+    """
+    mine = items[rank_share(len(items), rank, world_size)]
+    batches = [collate(mine[i : i + batch_size], pad_id) for i in range(0, len(mine), batch_size)]
+    most = math.ceil(math.ceil(len(items) / world_size) / batch_size)
+    while len(batches) < most:
+        batches.append({**collate([items[0]], pad_id), PLACEHOLDER: torch.ones(())})
+    return batches
 
 
 # --- everything at once --------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from models.generate import SamplingConfig, generate
-from train.data import Record, generation_prompt
-from train.loop import autocast_context, evaluate_loss
+from train.data import Record, generation_prompt, rank_share
+from train.distributed import Parallel, all_gather
+from train.loop import SINGLE, autocast_context, evaluate_loss
 from train.metrics import accuracy, corpus_bleu, exact_match, macro_f1, perplexity
 
 
@@ -28,15 +29,35 @@ def evaluate(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     generation_samples: int = 32,
+    parallel: Parallel = SINGLE,
 ) -> dict[str, float]:
-    """All metrics of `task` on the validation set, as plain floats."""
-    loss = evaluate_loss(model, val_batches, device, autocast_dtype)
+    """All metrics of `task` on the validation set, as plain floats (the same on every rank).
+
+    With several processes `val_batches` is this rank's share (train.data.eval_batches) and the
+    losses are summed over ranks. Task predictions are split over DDP ranks and gathered; a sharded
+    (FSDP2) model needs every rank in every forward, so there each rank predicts every record.
+    """
+    loss = evaluate_loss(model, val_batches, device, autocast_dtype, parallel)
     metrics = {"val_loss": loss, "perplexity": perplexity(loss)}
     if task == "classification":
-        metrics.update(classification_metrics(model, val_records, tokenizer, device, autocast_dtype))
+        metrics.update(classification_metrics(model, val_records, tokenizer, device, autocast_dtype, parallel))
     elif task == "generation":
-        metrics.update(generation_metrics(model, val_records[:generation_samples], tokenizer, device, autocast_dtype))
+        metrics.update(generation_metrics(model, val_records[:generation_samples], tokenizer, device, autocast_dtype,
+                                          parallel))
     return metrics
+
+
+def _split(records: Sequence[Record], parallel: Parallel) -> Sequence[Record]:
+    if parallel.fsdp:
+        return records
+    return records[rank_share(len(records), parallel.rank, parallel.world_size)]
+
+
+def _gathered(predictions: list, parallel: Parallel) -> list:
+    """All ranks' predictions in record order (each rank predicted its contiguous share)."""
+    if parallel.fsdp or not parallel.enabled:
+        return predictions
+    return [p for part in all_gather(parallel, predictions) for p in part]
 
 
 @torch.no_grad()
@@ -59,23 +80,31 @@ def label_log_likelihoods(
     return scores
 
 
-def classification_metrics(model, records: Sequence[Record], tokenizer, device, autocast_dtype) -> dict[str, float]:
+def classification_metrics(model, records: Sequence[Record], tokenizer, device, autocast_dtype,
+                           parallel: Parallel = SINGLE) -> dict[str, float]:
     prompts = [generation_prompt(r, tokenizer) for r in records]
     label_set = sorted({ref.strip() for _, ref in prompts})
     label_ids = [tokenizer.encode(lab, add_bos=False) + [tokenizer.eos_id] for lab in label_set]
     was_training = model.training
     model.eval()
     predictions = []
-    for ids, _ in prompts:
+    for ids, _ in _split(prompts, parallel):
         scores = label_log_likelihoods(model, ids, label_ids, device, autocast_dtype)
         predictions.append(label_set[max(range(len(scores)), key=scores.__getitem__)])
     model.train(was_training)
+    predictions = _gathered(predictions, parallel)
     golds = [ref.strip() for _, ref in prompts]
     return {"accuracy": accuracy(predictions, golds), "macro_f1": macro_f1(predictions, golds, label_set)}
 
 
-def generation_metrics(model, records: Sequence[Record], tokenizer, device, autocast_dtype) -> dict[str, float]:
-    predictions, references = generate_references(model, records, tokenizer, device, autocast_dtype)
+def generation_metrics(model, records: Sequence[Record], tokenizer, device, autocast_dtype,
+                       parallel: Parallel = SINGLE) -> dict[str, float]:
+    references = [generation_prompt(r, tokenizer)[1].strip() for r in records]
+    longest = max((len(tokenizer.encode(ref, add_bos=False)) for ref in references), default=1)
+    # one generation length for all ranks, so splitting the records cannot change a prediction
+    predictions, _ = generate_references(model, _split(records, parallel), tokenizer, device, autocast_dtype,
+                                         max_new_tokens=longest + 8)
+    predictions = _gathered(predictions, parallel)
     return {"bleu": corpus_bleu(predictions, references).score, "exact_match": exact_match(predictions, references)}
 
 
@@ -84,6 +113,8 @@ def generate_references(
 ) -> tuple[list[str], list[str]]:
     """Greedy continuations of each record's prompt, and the references they should match."""
     prompts = [generation_prompt(r, tokenizer) for r in records]
+    if not prompts:
+        return [], []
     longest = max((len(tokenizer.encode(ref, add_bos=False)) for _, ref in prompts), default=1)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens or longest + 8, stop_ids=tuple(sorted(tokenizer.stop_ids)))
     with autocast_context(device, autocast_dtype):

@@ -2,7 +2,8 @@
 
 Gradient accumulation divides each micro-batch's summed loss by the number of target tokens in
 the whole accumulated batch, so k micro-batches give exactly the gradient of one batch k times
-larger, even when the micro-batches hold different numbers of target tokens.
+larger, even when the micro-batches hold different numbers of target tokens. Across processes
+(train.distributed) the count is all-reduced first, so the same holds for the global batch.
 """
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from train.data import count_target_tokens
+from train.data import PLACEHOLDER, count_target_tokens
+from train.distributed import Parallel, all_reduce_sum, gradient_sync, to_float
 from train.loss import causal_lm_loss_sum
+
+SINGLE = Parallel()  # one process: no collectives
 
 
 @dataclass
@@ -54,13 +58,15 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, name: str 
     raise ValueError(f"unknown optimizer {name!r}: choose adamw, adamw8bit or paged_adamw8bit")
 
 
-def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
+                     forward: nn.Module | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token loss of one micro-batch and its target count.
 
+    forward: the module the forward pass goes through when it is not `model` itself (DDP's wrapper).
     Right-padded rows need no attention mask: a real token only attends to earlier positions,
     which are all real, so plain causal attention (the fast SDPA path) is exact for them.
     """
-    hidden = model(
+    hidden = (forward or model)(
         batch["input_ids"],
         position_ids=batch.get("position_ids"),
         doc_ids=batch.get("doc_ids"),
@@ -74,21 +80,30 @@ def accumulate_gradients(
     micro_batches: Sequence[dict[str, torch.Tensor]],
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    parallel: Parallel = SINGLE,
+    forward: nn.Module | None = None,
 ) -> tuple[float, int]:
     """Backward over the micro-batches with the loss normalised by their total target count.
 
-    Returns (mean loss per target token, target tokens); gradients are left in `.grad`.
+    With several processes the count is the global one (all ranks' micro-batches), and each rank's
+    loss is scaled by world_size to undo the gradient averaging of DDP / FSDP2; gradients are
+    synchronised only after the last micro-batch. `forward` is the wrapped module (DDP) if any.
+    Returns (mean loss per target token, target tokens), both global; gradients are left in `.grad`.
     """
-    total_tokens = sum(count_target_tokens(mb) for mb in micro_batches)
+    local_tokens = sum(count_target_tokens(mb) for mb in micro_batches)
+    total_tokens = int(all_reduce_sum(parallel, [local_tokens], device)[0])
     if total_tokens == 0:
         return float("nan"), 0
     loss_sum = 0.0
-    for mb in micro_batches:
-        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        with autocast_context(device, autocast_dtype):
-            summed, _ = forward_loss_sum(model, mb)
-        (summed / total_tokens).backward()
-        loss_sum += float(summed.detach())
+    for i, mb in enumerate(micro_batches):
+        weight = 0 if PLACEHOLDER in mb else parallel.world_size  # a placeholder only keeps collectives in step
+        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items() if k != PLACEHOLDER}
+        with gradient_sync(forward or model, parallel, sync=i == len(micro_batches) - 1):
+            with autocast_context(device, autocast_dtype):
+                summed, _ = forward_loss_sum(model, mb, forward)
+            (summed * weight / total_tokens).backward()
+        loss_sum += float(summed.detach()) if weight else 0.0
+    loss_sum = all_reduce_sum(parallel, [loss_sum], device)[0]
     return loss_sum / total_tokens, total_tokens
 
 
@@ -100,16 +115,19 @@ def train_step(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     max_grad_norm: float | None,
+    parallel: Parallel = SINGLE,
+    forward: nn.Module | None = None,
 ) -> StepResult:
-    """One optimizer step over `micro_batches` (the accumulation window).
+    """One optimizer step over `micro_batches` (the accumulation window; this rank's share of it).
 
     A non-finite loss or gradient norm skips the update (gradients dropped)
-    and says so in the result, so one bad batch cannot poison the weights.
+    and says so in the result, so one bad batch cannot poison the weights. Loss and gradient norm
+    are global, so every rank takes the same decision.
     """
-    loss, tokens = accumulate_gradients(model, micro_batches, device, autocast_dtype)
+    loss, tokens = accumulate_gradients(model, micro_batches, device, autocast_dtype, parallel, forward)
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     clip = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+    grad_norm = to_float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
     if not skipped:
         optimizer.step()
@@ -124,15 +142,19 @@ def evaluate_loss(
     batches: Sequence[dict[str, torch.Tensor]],
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    parallel: Parallel = SINGLE,
 ) -> float:
-    """Mean loss per target token over all validation batches."""
+    """Mean loss per target token over all validation batches (of all ranks: each passes its share)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        placeholder = PLACEHOLDER in batch
+        batch = {k: v.to(device) for k, v in batch.items() if k != PLACEHOLDER}
         with autocast_context(device, autocast_dtype):
             summed, n = forward_loss_sum(model, batch)
-        total, count = total + float(summed), count + n
+        if not placeholder:
+            total, count = total + float(summed), count + n
     model.train(was_training)
+    total, count = all_reduce_sum(parallel, [total, count], device)
     return total / max(count, 1)

@@ -2,6 +2,7 @@
 
     python -m train.run --method qlora                      # the built-in demo: tiny model, stdlib docstrings
     python -m train.run --method lora --model Qwen/Qwen2.5-0.5B --data train.jsonl --val-fraction 0.05
+    torchrun --nproc_per_node 4 -m train.run --method full --fsdp ...   # several processes (train.distributed)
 
 The run is four plain steps, each a function below: setup (config, data, model, optimizer, resume)
 -> fit (the loop: step, log, evaluate, checkpoint, stop early) -> finish (restore the best
@@ -32,12 +33,14 @@ from models.config import ModelConfig
 from models.hub import CheckpointError, resolve_model_dir
 from models.tokenizer import load_tokenizer
 from train import checkpoint as ckpt
+from train import distributed as dist
 from train import memory
 from train.config import ConfigError, TrainConfig, parse_args
 from train.data import DataError, Datasets, StepLoader, eval_batches, load_datasets
+from train.distributed import Parallel
 from train.early_stopping import EarlyStopping, OverfitDetector
 from train.evaluate import evaluate, generate_references
-from train.loop import build_optimizer, train_step
+from train.loop import SINGLE, build_optimizer, train_step
 from train.methods import build_model, save_result
 from train.schedule import build_scheduler, total_steps_for, warmup_steps_for
 
@@ -77,12 +80,19 @@ class Run:
     val_batches: list = field(default_factory=list)
     best_path: Path | None = None
     saved_step: int | None = None
+    parallel: Parallel = SINGLE
+    forward: nn.Module | None = None  # what the training forward goes through: DDP's wrapper, else the model
+
+    def say(self, message: str) -> None:
+        """A line for the user, from rank 0 only (tqdm-safe)."""
+        if self.parallel.is_main:
+            tqdm.write(message)
 
 
 # ----------------------------------------------------------------------------------------- setup
-def pick_device_and_dtype(name: str) -> tuple[torch.device, torch.dtype | None]:
-    """cuda if present, else cpu; `auto` means bf16 autocast wherever the hardware has bf16 units."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device_and_dtype(name: str, device: torch.device | None = None) -> tuple[torch.device, torch.dtype | None]:
+    """`device`, else cuda if present, else cpu; `auto` means bf16 autocast wherever the hardware has bf16 units."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "float16":
         raise RunError("--dtype float16 training needs loss scaling, which this trainer does not do: use bfloat16")
     if name == "float32":
@@ -142,26 +152,59 @@ def check_memory(cfg: TrainConfig, config: ModelConfig, device: torch.device, am
         raise RunError(problem)
 
 
-def setup(cfg: TrainConfig) -> Run:
-    seed_everything(cfg.run.seed)
-    model_path = apply_demo_defaults(cfg) if cfg.run.model is None or cfg.data.data is None else cfg.run.model
+def resolve_model_path(cfg: TrainConfig, parallel: Parallel) -> str:
+    """--model, or the built-in demo; rank 0 builds the demo base (once, cached) while the others wait."""
+    if cfg.run.model is not None and cfg.data.data is not None:
+        return cfg.run.model
+    if not parallel.is_main:
+        dist.barrier(parallel)
+    model_path = apply_demo_defaults(cfg)
+    if parallel.is_main:
+        dist.barrier(parallel)
+    return model_path
+
+
+def setup(cfg: TrainConfig, parallel: Parallel = SINGLE, device: torch.device | None = None) -> Run:
+    seed_everything(cfg.run.seed)  # the same on every rank: same initial adapters, same val split
+    model_path = resolve_model_path(cfg, parallel)
     out = prepare_output_dir(cfg)
-    device, amp_dtype = pick_device_and_dtype(cfg.run.dtype)
-    check_memory(cfg, check_model_window(cfg, model_path), device, amp_dtype)
+    device, amp_dtype = pick_device_and_dtype(cfg.run.dtype, device)
+    config = check_model_window(cfg, model_path)
+    if not parallel.fsdp:  # the estimate is for one whole replica; FSDP2 holds a 1/world share
+        check_memory(cfg, config, device, amp_dtype)
     tokenizer = load_tokenizer(model_path)
     data = load_datasets(cfg.data, tokenizer, cfg.run.seed)
-    model = build_model(cfg, model_path, device, amp_dtype or torch.float32)
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.optim)
-    loader = StepLoader(data.train, cfg.data.batch_size, tokenizer.pad_id, cfg.optim.grad_accum, cfg.run.seed)
+    # FSDP2 moves each block to the device as it shards it, so the whole model never sits on one GPU
+    model = build_model(cfg, model_path, torch.device("cpu") if parallel.fsdp else device, amp_dtype or torch.float32)
+    forward = dist.wrap(model, parallel, device)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.optim)  # after sharding
+    loader = StepLoader(data.train, cfg.data.batch_size, tokenizer.pad_id, cfg.optim.grad_accum, cfg.run.seed,
+                        rank=parallel.rank, world_size=parallel.world_size)
     total = total_steps_for(loader.steps_per_epoch, cfg.optim.epochs, cfg.optim.max_steps)
     warmup = warmup_steps_for(total, cfg.optim.warmup_ratio, cfg.optim.warmup_steps)
     scheduler = build_scheduler(optimizer, total, cfg.optim.schedule, warmup)
     early = None
     if cfg.eval.early_stopping_patience:
         early = EarlyStopping(cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold)
-    val = eval_batches(data.val, cfg.data.batch_size, tokenizer.pad_id) if data.val else []
+    val = []
+    if data.val:
+        val = eval_batches(data.val, cfg.data.batch_size, tokenizer.pad_id, parallel.rank, parallel.world_size)
+    state = ckpt.TrainerState(world_size=parallel.world_size, fsdp=parallel.fsdp)
     run = Run(cfg, out, model_path, device, amp_dtype, tokenizer, data, model, optimizer, scheduler, loader,
-              total, ckpt.TrainerState(), early, OverfitDetector(), val)
+              total, state, early, OverfitDetector(), val, parallel=parallel, forward=forward)
+    if parallel.enabled:
+        seed_everything(cfg.run.seed + parallel.rank)  # from here on each rank draws its own dropout masks
+    if parallel.is_main:
+        make_output_dir(cfg, out)
+    dist.barrier(parallel)
+    if cfg.run.resume is not None:
+        resume(run)
+    if parallel.is_main:
+        (out / "config.json").write_text(cfg.to_json())
+    return run
+
+
+def make_output_dir(cfg: TrainConfig, out: Path) -> None:
     if cfg.run.overwrite:
         for name in OWNED:
             target = out / name
@@ -170,25 +213,31 @@ def setup(cfg: TrainConfig) -> Run:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
-    if cfg.run.resume is not None:
-        resume(run)
-    (out / "config.json").write_text(cfg.to_json())
-    return run
 
 
 def resume(run: Run) -> None:
     """Continue from the newest complete checkpoint (or `--resume DIR`); none yet: start afresh."""
     root = run.out / "checkpoints"
-    ckpt.remove_partial(root)
+    p = run.parallel
+    if p.is_main:
+        ckpt.remove_partial(root)
     chosen = run.cfg.run.resume
     path = Path(chosen) if chosen != "latest" else (ckpt.complete_checkpoints(root) or [None])[-1]
+    path = dist.broadcast(p, path)  # every rank resumes from the checkpoint rank 0 chose
     if path is None:
-        print(f"resume: no complete checkpoint in {root}; starting from the beginning", file=sys.stderr)
-        truncate_metrics(run.out / "metrics.jsonl", -1)  # the killed run's step-0 evaluation is redone
+        if p.is_main:
+            print(f"resume: no complete checkpoint in {root}; starting from the beginning", file=sys.stderr)
+            truncate_metrics(run.out / "metrics.jsonl", -1)  # the killed run's step-0 evaluation is redone
         return
     if not (path / "state.json").is_file():
         raise RunError(f"--resume {path}: not a complete checkpoint (no state.json)")
-    run.state = ckpt.load_checkpoint(path, run.model, run.optimizer)
+    run.state, tensors, optimizer_state = ckpt.read_checkpoint(path, p.rank, p.world_size, p.fsdp)
+    if p.fsdp:
+        dist.load_trainable_state(run.model, tensors)
+        dist.load_optimizer_state(run.model, run.optimizer, optimizer_state)
+    else:
+        ckpt.load_trainable_state(run.model, tensors, path)
+        run.optimizer.load_state_dict(optimizer_state)
     _set_schedule(run)
     run.loader.load_state_dict(run.state.data)
     if run.early and run.state.early_stopping:
@@ -197,8 +246,9 @@ def resume(run: Run) -> None:
         run.overfit.load_state_dict(run.state.overfit)
     if run.state.best_step is not None:
         run.best_path = root / f"{ckpt.STEP_PREFIX}{run.state.best_step:08d}"
-    truncate_metrics(run.out / "metrics.jsonl", run.state.step)
-    print(f"resume: continuing from {path} (step {run.state.step} of {run.total_steps})", file=sys.stderr)
+    if p.is_main:
+        truncate_metrics(run.out / "metrics.jsonl", run.state.step)
+        print(f"resume: continuing from {path} (step {run.state.step} of {run.total_steps})", file=sys.stderr)
 
 
 def _set_schedule(run: Run) -> None:
@@ -232,25 +282,34 @@ def _step_of(line: str) -> int | None:
 
 # ------------------------------------------------------------------------------------------ fit
 def log(run: Run, record: dict) -> None:
-    with open(run.out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if run.parallel.is_main:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def save(run: Run) -> Path:
-    """Checkpoint the current step (once), keeping the last N and the best."""
+    """Checkpoint the current step (once), keeping the last N and the best. Rank 0 writes it; with
+    several processes every rank takes part (its RNG states, and FSDP2's gathering of shards)."""
+    p = run.parallel
     path = run.out / "checkpoints" / f"{ckpt.STEP_PREFIX}{run.state.step:08d}"
-    if run.saved_step == run.state.step and path.is_dir():
+    if run.saved_step == run.state.step and dist.broadcast(p, path.is_dir()):
         return path
     run.state.data = run.loader.state_dict()
     run.state.early_stopping = run.early.state_dict() if run.early else {}
     run.state.overfit = run.overfit.state_dict()
-    try:
-        path = ckpt.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.state, run.cfg.to_dict())
-        keep = {run.best_path} if run.best_path else set()
-        ckpt.prune(run.out / "checkpoints", run.cfg.checkpoint.keep_last, keep)
-    except OSError as err:  # full disk, read-only or vanished directory: earlier checkpoints are untouched
-        raise RunError(f"cannot write checkpoint {path.name} in {path.parent} ({err.strerror or err}); "
-                       f"earlier checkpoints are intact: free space and rerun with --resume") from None
+    tensors = dist.full_trainable_state(run.model, p)
+    optimizer_state = dist.full_optimizer_state(run.model, run.optimizer, p) if p.fsdp else run.optimizer.state_dict()
+    rngs = dist.all_gather(p, ckpt.rng_state())
+    if p.is_main:
+        try:
+            path = ckpt.save_checkpoint(run.out / "checkpoints", tensors, optimizer_state, run.state,
+                                        run.cfg.to_dict(), rngs)
+            keep = {run.best_path} if run.best_path else set()
+            ckpt.prune(run.out / "checkpoints", run.cfg.checkpoint.keep_last, keep)
+        except OSError as err:  # full disk, read-only or vanished directory: earlier checkpoints are untouched
+            raise RunError(f"cannot write checkpoint {path.name} in {path.parent} ({err.strerror or err}); "
+                           f"earlier checkpoints are intact: free space and rerun with --resume") from None
+    dist.barrier(p)  # no rank moves on (or resumes) before the checkpoint exists
     run.saved_step = run.state.step
     return path
 
@@ -258,7 +317,8 @@ def save(run: Run) -> Path:
 def run_eval(run: Run, recent_train_loss: float) -> tuple[dict, bool]:
     """Evaluate, keep the best checkpoint, consult early stopping; return (metrics, stop)."""
     metrics = evaluate(run.model, run.val_batches, run.data.val_records, run.tokenizer, run.cfg.eval.task,
-                       run.device, run.amp_dtype)
+                       run.device, run.amp_dtype, parallel=run.parallel)
+    metrics = dist.broadcast(run.parallel, metrics)  # every rank takes rank 0's stopping decisions
     step = run.state.step
     val = metrics["val_loss"]
     report = run.overfit.check(recent_train_loss, val) if math.isfinite(recent_train_loss) else None
@@ -266,12 +326,12 @@ def run_eval(run: Run, recent_train_loss: float) -> tuple[dict, bool]:
     if report is not None:
         metrics.update(train_val_gap=report.gap, overfit_warning=report.overfit_warning)
         if report.overfit_warning:
-            tqdm.write(f"step {step}: val loss exceeds train loss by {report.gap:.2f} nats: the model may be overfitting")
+            run.say(f"step {step}: val loss exceeds train loss by {report.gap:.2f} nats: the model may be overfitting")
         if report.should_stop:
-            tqdm.write(f"step {step}: val loss rose {report.counter} evaluations in a row: stopping (overfitting)")
+            run.say(f"step {step}: val loss rose {report.counter} evaluations in a row: stopping (overfitting)")
             stop = True
     if run.early and run.early.step(val):
-        tqdm.write(f"step {step}: no val-loss improvement above {run.early.threshold} in {run.early.patience} evaluations: stopping early")
+        run.say(f"step {step}: no val-loss improvement above {run.early.threshold} in {run.early.patience} evaluations: stopping early")
         stop = True
     run.state.stopped = stop
     # Log, then checkpoint: a checkpoint of step N must already hold this evaluation (log line,
@@ -286,14 +346,14 @@ def run_eval(run: Run, recent_train_loss: float) -> tuple[dict, bool]:
 def fit(run: Run) -> None:
     cfg = run.cfg
     bar = tqdm(total=run.total_steps, initial=run.state.step, desc=f"{cfg.run.method}", dynamic_ncols=True,
-               disable=None)
+               disable=None if run.parallel.is_main else True)
     window = run.state.recent_losses  # in the trainer state, so a resume sees the same train/val gap
     started = time.perf_counter() - run.state.elapsed_s
     stop = run.state.stopped
     while run.state.step < run.total_steps and not stop:
         t0 = time.perf_counter()
         result = train_step(run.model, run.optimizer, run.scheduler, run.loader.next_step(), run.device,
-                            run.amp_dtype, cfg.optim.max_grad_norm)
+                            run.amp_dtype, cfg.optim.max_grad_norm, run.parallel, run.forward)
         run.state.step += 1
         run.state.tokens_seen += result.tokens
         run.state.elapsed_s = time.perf_counter() - started
@@ -301,7 +361,7 @@ def fit(run: Run) -> None:
         if result.skipped:
             run.state.skipped_steps += 1
             run.state.skipped_in_a_row += 1
-            tqdm.write(f"step {run.state.step}: non-finite loss or gradient, update skipped")
+            run.say(f"step {run.state.step}: non-finite loss or gradient, update skipped")
         else:
             run.state.skipped_in_a_row = 0
             window.append(result.loss)
@@ -334,11 +394,33 @@ def check_divergence(run: Run) -> None:
 
 
 # --------------------------------------------------------------------------------------- finish
-def restore_best(run: Run) -> None:
-    if run.best_path is not None and run.best_path.is_dir():
-        from safetensors.torch import load_file
+def restore_best(run: Run) -> dict[str, torch.Tensor]:
+    """Put the best checkpoint's tensors back into the model; return the full trainable tensors."""
+    if run.best_path is None or not run.best_path.is_dir():
+        return dist.full_trainable_state(run.model, run.parallel)
+    from safetensors.torch import load_file
 
-        ckpt.load_trainable_state(run.model, load_file(str(run.best_path / "trainable.safetensors")), run.best_path)
+    tensors = load_file(str(run.best_path / "trainable.safetensors"))
+    if run.parallel.fsdp:
+        dist.load_trainable_state(run.model, tensors)
+    else:
+        ckpt.load_trainable_state(run.model, tensors, run.best_path)
+    return tensors
+
+
+def save_product(run: Run, tensors: dict[str, torch.Tensor]) -> Path:
+    """Rank 0 writes the adapter or model. A sharded model is first rebuilt whole on the CPU from the
+    gathered tensors, so the files are the same Hugging Face / PEFT files one process would write."""
+    p = run.parallel
+    product = run.out / ("model" if run.cfg.run.method == "full" else "adapter")
+    if p.is_main:
+        model = run.model
+        if p.fsdp:
+            model = build_model(run.cfg, run.model_path, torch.device("cpu"), run.amp_dtype or torch.float32)
+            ckpt.load_trainable_state(model, tensors, run.best_path or run.out)
+        product = save_result(model, run.cfg, run.out, run.model_path)
+    dist.barrier(p)
+    return product
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> bool:
@@ -376,11 +458,14 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def show_samples(run: Run, title: str, n: int = 3) -> None:
+    """A few greedy generations, printed by rank 0 (every rank generates: a sharded model needs them all)."""
     pool = [r for r in (run.data.val_records or run.data.train_records) if r.shape != "text"]
     records = pool[:: max(1, len(pool) // n)][:n]  # spread over the set, not its first few lines
     if not records:
         return
     preds, refs = generate_references(run.model, records, run.tokenizer, run.device, run.amp_dtype, max_new_tokens=32)
+    if not run.parallel.is_main:
+        return
     print(f"\n{title}")
     for record, pred, ref in zip(records, preds, refs):
         prompt = record.prompt if record.shape != "chat" else record.messages[-2]["content"]
@@ -388,9 +473,7 @@ def show_samples(run: Run, title: str, n: int = 3) -> None:
 
 
 def finish(run: Run, first_val: float | None) -> dict:
-    restore_best(run)
-    product = save_result(run.model, run.cfg, run.out, run.model_path)
-    plotted = plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
+    product = save_product(run, restore_best(run))
     best = run.state.best_val_loss
     summary = {
         "method": run.cfg.run.method,
@@ -402,9 +485,14 @@ def finish(run: Run, first_val: float | None) -> dict:
         "best_perplexity": math.exp(best) if best is not None and best < 50 else None,
         "time_s": round(run.state.elapsed_s, 1),
         "tokens_seen": run.state.tokens_seen,
-        "peak_memory_mib": round(peak_memory_mib(run.device), 1),
+        "peak_memory_mib": round(peak_memory_mib(run.device), 1),  # rank 0's
+        "processes": run.parallel.world_size,
+        "sharding": run.parallel.mode,
         "output": str(product),
     }
+    if not run.parallel.is_main:
+        return summary
+    plotted = plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     rows = [(k.replace("_", " "), v) for k, v in summary.items() if v is not None]
     if plotted:
@@ -414,24 +502,28 @@ def finish(run: Run, first_val: float | None) -> dict:
     return summary
 
 
-def train(cfg: TrainConfig, samples: bool = True) -> dict:
+def train(cfg: TrainConfig, samples: bool = True, parallel: Parallel = SINGLE, device: torch.device | None = None) -> dict:
     """Run a whole fine-tuning job as `cfg` says; return the summary.
 
     samples: print a few generations on validation prompts before and after training.
+    parallel, device: this process's place in a torchrun job (train.distributed); default one process.
     """
-    run = setup(cfg)
-    print(f"{run.cfg.run.method} on {run.model_path} ({run.device}, "
-          f"{'bf16 autocast' if run.amp_dtype else 'float32'}); {run.total_steps} steps", file=sys.stderr)
-    print(run.data.summary(), file=sys.stderr)
-    if run.cfg.run.method != "full":
-        from lora.inject import trainable_report
+    run = setup(cfg, parallel, device)
+    if parallel.is_main:
+        layout = f", {parallel.world_size} processes ({parallel.mode})" if parallel.enabled else ""
+        print(f"{run.cfg.run.method} on {run.model_path} ({run.device}, "
+              f"{'bf16 autocast' if run.amp_dtype else 'float32'}{layout}); {run.total_steps} steps", file=sys.stderr)
+        print(run.data.summary(), file=sys.stderr)
+        if run.cfg.run.method != "full" and not parallel.fsdp:  # sharded parameters would be counted 1/world
+            from lora.inject import trainable_report
 
-        print(trainable_report(run.model), file=sys.stderr)
+            print(trainable_report(run.model), file=sys.stderr)
     if run.state.step == 0:
         if samples:
             show_samples(run, "Before fine-tuning:")
         if run.val_batches:
-            first = evaluate(run.model, run.val_batches, [], run.tokenizer, "lm", run.device, run.amp_dtype)
+            first = evaluate(run.model, run.val_batches, [], run.tokenizer, "lm", run.device, run.amp_dtype,
+                             parallel=parallel)
             run.state.first_val_loss = first["val_loss"]  # in the trainer state: a resumed run reports it too
             log(run, {"step": 0, **first})
     fit(run)
@@ -442,23 +534,34 @@ def train(cfg: TrainConfig, samples: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parallel = SINGLE
     try:
         cfg = parse_args(argv)
-        train(cfg)
+        parallel = dist.from_env(cfg.run.fsdp)
+        if cfg.run.fsdp and not parallel.enabled:
+            raise RunError("--fsdp shards over several processes: start the run with torchrun --nproc_per_node N")
+        device = dist.start(parallel)
+        train(cfg, parallel=parallel, device=device)
     except (ConfigError, DataError, CheckpointError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if parallel.is_main:  # every rank read the same input and stops with the same message
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except DivergedError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if parallel.is_main:
+            print(f"error: {err}", file=sys.stderr)
         return 3
     except OSError as err:  # e.g. the disk filled while writing logs or the result: one line, no traceback
         if err.errno not in USER_FIXABLE_ERRNOS:
             raise
-        print(f"error: {err.filename or 'output'}: {err.strerror or err}", file=sys.stderr)
+        where = f"rank {parallel.rank}: " if parallel.enabled else ""
+        print(f"{where}error: {err.filename or 'output'}: {err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: resume with --resume", file=sys.stderr)
+        if parallel.is_main:
+            print("interrupted: resume with --resume", file=sys.stderr)
         return 130
+    finally:
+        dist.stop(parallel)
     return 0
 
 

@@ -1,0 +1,195 @@
+"""Training on several processes started by torchrun: DDP (replicated weights) or FSDP2 (sharded).
+
+    torchrun --nproc_per_node 4 -m train.run --method lora ...          # DDP
+    torchrun --nproc_per_node 4 -m train.run --method full --fsdp ...   # FSDP2
+
+Every process (rank) holds the same model and optimizer (DDP) or a 1/world slice of every trainable
+parameter, its gradient and its optimizer state (FSDP2, `torch.distributed.fsdp.fully_shard` per
+decoder block and once at the root). A step's micro-batches are cut from one global batch of
+batch_size x world_size rows, each rank taking its share, and every rank divides its summed loss by
+the target tokens of the whole global window (all-reduced before the forward pass). DDP and FSDP2
+average gradients over ranks, so the loss is also multiplied by world_size: the update is then the
+one a single process would make on the global batch, however the rows are split.
+
+With one process (no torchrun) `Parallel()` is a no-op and nothing here talks to another process.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Where this process stands among the processes of one run."""
+
+    rank: int = 0  # this process, 0..world_size-1
+    world_size: int = 1
+    local_rank: int = 0  # this process on its machine: picks the GPU
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (else DDP)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, writes checkpoints and saves the result."""
+        return self.rank == 0
+
+    @property
+    def mode(self) -> str:
+        return "single" if not self.enabled else "fsdp" if self.fsdp else "ddp"
+
+
+def from_env(fsdp: bool = False) -> Parallel:
+    """The process layout torchrun put in the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Parallel(fsdp=False)
+    return Parallel(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), fsdp)
+
+
+def start(p: Parallel) -> torch.device:
+    """Join the process group (nccl on GPUs, gloo on CPUs) and return this rank's device."""
+    if not torch.cuda.is_available():
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", p.local_rank)
+        torch.cuda.set_device(device)
+    if p.enabled and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def stop(p: Parallel) -> None:
+    if p.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(p: Parallel) -> None:
+    if p.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(p: Parallel, values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of `values` over ranks (float64, so token counts stay exact)."""
+    if not p.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather(p: Parallel, obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not p.enabled:
+        return [obj]
+    out: list[Any] = [None] * p.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(p: Parallel, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not p.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- wrapping ----------------------------------------------------------------------------------------
+def wrap(model: nn.Module, p: Parallel, device: torch.device) -> nn.Module:
+    """The module the training forward goes through: DDP(model), or `model` itself after fully_shard.
+
+    The loss reads `model.lm_head.weight` outside the forward call; both engines allow that because
+    they hook gradients on the parameters themselves (DDP's reducer; FSDP2 keeps the root's
+    parameters unsharded from forward until its post-backward callback).
+    """
+    if not p.enabled:
+        return model
+    if p.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, p: Parallel, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce / reduce-scatter for a micro-batch that is not the window's last."""
+    if not p.enabled or sync:
+        yield
+    elif p.fsdp:
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        with module.no_sync():
+            yield
+
+
+def to_float(t: torch.Tensor) -> float:
+    """A scalar tensor as a float, also when it is a replicated DTensor (FSDP2's clip_grad_norm_)."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+# --- state of sharded models ---------------------------------------------------------------------------
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def full_trainable_state(model: nn.Module, p: Parallel) -> dict[str, torch.Tensor]:
+    """Full (unsharded) trainable tensors by name, on CPU; under FSDP2 a collective, empty off rank 0."""
+    names = {n for n, q in model.named_parameters() if q.requires_grad}
+    if not p.fsdp:
+        return {n: q.detach().contiguous().cpu() for n, q in model.named_parameters() if n in names}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options())
+    return {n: t.contiguous() for n, t in state.items() if n in names}
+
+
+def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put full trainable tensors (every rank passes the same dict) into a sharded model."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    # a copy: set_model_state_dict fills the dict it is given with the model's other entries
+    set_model_state_dict(model, dict(tensors), options=_options(strict=False))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, p: Parallel) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name, unsharded, on rank 0 (a collective under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options())
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, dict(state), options=_options())
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded model, unsharded on rank 0 (a collective; empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options())
