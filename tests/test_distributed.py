@@ -26,7 +26,7 @@ def _data(tmp: Path) -> tuple[Path, Path]:
 
 
 def _args(model: Path, data: tuple[Path, Path], out: Path, method: str, batch: int, *extra: str) -> list[str]:
-    lr = "1e-3" if method == "full" else "1e-2"
+    lr = "1e-3" if method == "full" else "1e-2"  # prefix/prompt take their own, larger default
     return ["--method", method, "--model", str(model), "--data", str(data[0]), "--val-data", str(data[1]),
             "--output-dir", str(out), "--seq-len", "32", "--batch-size", str(batch), "--grad-accum", "2",
             "--max-steps", str(STEPS), "--eval-every", "2", "--save-every", "2", "--keep-last", "10",
@@ -78,7 +78,8 @@ def single(run_model, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("method,sharding", [("lora", "ddp"), ("full", "ddp"), ("lora", "fsdp"), ("full", "fsdp")])
+@pytest.mark.parametrize("method,sharding", [("lora", "ddp"), ("full", "ddp"), ("lora", "fsdp"), ("full", "fsdp"),
+                                             ("qlora", "ddp"), ("prefix", "ddp"), ("prompt", "ddp")])
 def test_two_processes_train_what_one_process_trains(run_model, single, tmp_path, method, sharding):
     """2 ranks x 4 rows == 1 process x 8 rows: per-step losses, val losses, final tensors and the saved
     product agree, including a step whose single row leaves rank 1 with only a placeholder."""
