@@ -66,8 +66,9 @@ def test_valve_refuses_a_run_that_will_not_fit_and_names_settings_that_would(run
     assert err.startswith("error: estimated peak memory") and "exceeds" in err
     assert "--batch-size 32 --grad-accum 2" in err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()  # refused before anything was written
+    assert main([*argv, "--skip-memory-check"]) == 0  # the user overrides the estimate
     monkeypatch.setattr(memory, "available_bytes", lambda device: need)
-    assert main(argv) == 0
+    assert main([*argv, "--overwrite"]) == 0
 
 
 def test_available_bytes_reads_meminfo_on_cpu():

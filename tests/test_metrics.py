@@ -149,6 +149,16 @@ def test_overfit_detector_seed_semantics():
     assert reports[2].gap == pytest.approx(0.6)
 
 
+def test_overfit_detector_with_patience_0_warns_but_never_stops():
+    det = OverfitDetector(patience=0, gap=0.2)
+    reports = [det.check(t, v) for t, v in zip([2.0, 1.0, 0.5, 0.2, 0.1], [2.1, 1.5, 1.6, 1.7, 1.8])]
+    assert [r.overfit_warning for r in reports] == [False, True, True, True, True]  # gap > 0.2
+    assert [r.counter for r in reports] == [0, 0, 1, 2, 3]
+    assert not any(r.should_stop for r in reports)
+    with pytest.raises(ValueError, match="patience"):
+        OverfitDetector(patience=-1)
+
+
 def test_overfit_detector_state_round_trip():
     det = OverfitDetector()
     assert det.state_dict()["best_val_loss"] is None  # inf is not JSON

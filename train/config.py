@@ -73,6 +73,8 @@ class RunConfig:
     resume: str | None = _f(None, "--resume", "resume from a checkpoint dir; bare flag: the latest in output-dir",
                             nargs="?", const="latest")
     overwrite: bool = _f(False, "--overwrite", "allow writing into a non-empty output dir without resuming")
+    skip_memory_check: bool = _f(False, "--skip-memory-check",
+                                 "start even when the estimated peak memory exceeds what the device has free")
     fsdp: bool = _f(False, "--fsdp", "under torchrun: shard weights, gradients and optimizer state with FSDP2 "
                     "(full and lora; default: DDP, a full replica per process)")
 
@@ -140,6 +142,9 @@ class EvalConfig:
                                              "stop after N evals without improvement (None: never)")
     early_stopping_threshold: float = _f(0.01, "--early-stopping-threshold",
                                          "val loss must beat the best by more than this (absolute)")
+    overfit_patience: int = _f(3, "--overfit-patience",
+                               "stop when val loss rose this many evaluations in a row (0: warn only, never stop)")
+    overfit_gap: float = _f(0.5, "--overfit-gap", "warn when val loss exceeds train loss by more than this (nats)")
 
 
 @dataclass
@@ -297,6 +302,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval.eval_every": (lambda x: x >= 0, "must be >= 0"),
     "eval.early_stopping_patience": (_positive, "must be >= 1"),
     "eval.early_stopping_threshold": (lambda x: x >= 0, "must be >= 0"),
+    "eval.overfit_patience": (lambda x: x >= 0, "must be >= 0"),
+    "eval.overfit_gap": (lambda x: x > 0, "must be > 0"),
     "checkpoint.save_every": (lambda x: x >= 0, "must be >= 0"),
     "checkpoint.keep_last": (_positive, "must be >= 1"),
 }

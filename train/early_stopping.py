@@ -76,11 +76,14 @@ class OverfitReport:
 
 
 class OverfitDetector:
-    """The seed chapter's detector: train/val gap warning plus patience on a rising val loss."""
+    """The seed chapter's detector: train/val gap warning plus patience on a rising val loss.
+
+    patience 0 keeps the warnings and never asks to stop.
+    """
 
     def __init__(self, patience: int = 3, gap: float = 0.5) -> None:
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
+        if patience < 0:
+            raise ValueError(f"patience must be >= 0, got {patience}")
         self.patience = patience
         self.gap = gap
         self.best_val_loss = float("inf")
@@ -94,7 +97,7 @@ class OverfitDetector:
         else:  # ties count as "not rising", as in the seed
             self.best_val_loss = val_loss
             self.counter = 0
-        return OverfitReport(gap > self.gap, self.counter >= self.patience, gap, self.counter)
+        return OverfitReport(gap > self.gap, 0 < self.patience <= self.counter, gap, self.counter)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (no best yet is stored as None, not inf)."""

@@ -170,7 +170,7 @@ def setup(cfg: TrainConfig, parallel: Parallel = SINGLE, device: torch.device | 
     out = prepare_output_dir(cfg)
     device, amp_dtype = pick_device_and_dtype(cfg.run.dtype, device)
     config = check_model_window(cfg, model_path)
-    if not parallel.fsdp:  # the estimate is for one whole replica; FSDP2 holds a 1/world share
+    if not (parallel.fsdp or cfg.run.skip_memory_check):  # the estimate is for one whole replica; FSDP2 holds 1/world
         check_memory(cfg, config, device, amp_dtype)
     tokenizer = load_tokenizer(model_path)
     data = load_datasets(cfg.data, tokenizer, cfg.run.seed)
@@ -191,7 +191,8 @@ def setup(cfg: TrainConfig, parallel: Parallel = SINGLE, device: torch.device | 
         val = eval_batches(data.val, cfg.data.batch_size, tokenizer.pad_id, parallel.rank, parallel.world_size)
     state = ckpt.TrainerState(world_size=parallel.world_size, fsdp=parallel.fsdp)
     run = Run(cfg, out, model_path, device, amp_dtype, tokenizer, data, model, optimizer, scheduler, loader,
-              total, state, early, OverfitDetector(), val, parallel=parallel, forward=forward)
+              total, state, early, OverfitDetector(cfg.eval.overfit_patience, cfg.eval.overfit_gap), val,
+              parallel=parallel, forward=forward)
     if parallel.enabled:
         seed_everything(cfg.run.seed + parallel.rank)  # from here on each rank draws its own dropout masks
     if parallel.is_main:
