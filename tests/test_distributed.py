@@ -34,7 +34,7 @@ def _args(model: Path, data: tuple[Path, Path], out: Path, method: str, batch: i
 
 
 def _launch(argv: list[str], processes: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPUs, also where GPUs exist
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     launcher = ["-m", "train.run"]

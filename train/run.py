@@ -541,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         parallel = dist.from_env(cfg.run.fsdp)
         if cfg.run.fsdp and not parallel.enabled:
             raise RunError("--fsdp shards over several processes: start the run with torchrun --nproc_per_node N")
+        if parallel.enabled and torch.cuda.is_available() and parallel.local_rank >= torch.cuda.device_count():
+            raise RunError(f"local rank {parallel.local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                           "start at most one process per GPU (torchrun --nproc_per_node)")
         device = dist.start(parallel)
         train(cfg, parallel=parallel, device=device)
     except (ConfigError, DataError, CheckpointError, RunError) as err:
