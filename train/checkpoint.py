@@ -7,8 +7,11 @@ Layout of `<output-dir>/checkpoints/step-00000100/`:
     state.json              step, data position, evaluation history, early stopping, python/numpy RNG
                             (rank 0's at the top level, other ranks' under "ranks")
 
-A run over several processes writes one checkpoint (rank 0 writes it) holding the full trainable
-tensors and optimizer state, plus every rank's random-generator states so that dropout replays.
+A run over several processes writes one checkpoint holding every rank's random-generator states, so
+that dropout replays. Under DDP rank 0 writes the (identical on every rank) trainable tensors and
+optimizer state as above; under FSDP2 each rank writes its own shards of them into `sharded/`
+(torch.distributed.checkpoint), so no process ever holds the whole training state, and rank 0 writes
+the rest of the directory and renames it into place once every shard is on disk.
 
 A checkpoint is written into a hidden temporary directory, flushed to disk, and renamed into place;
 `state.json` is its last file. So a directory named `step-*` exists only when complete, and a crash
@@ -137,24 +140,35 @@ def _write_synced(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
+SHARDED = "sharded"  # FSDP2 checkpoints: the directory of torch.distributed.checkpoint shards
+
+
+def temp_dir(ckpt_root: Path, step: int) -> Path:
+    """Where checkpoint `step` is written before it is renamed into place."""
+    return ckpt_root / f".tmp-{STEP_PREFIX}{step:08d}-{os.getpid()}"
+
+
 def save_checkpoint(
     ckpt_root: Path,
-    tensors: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
+    tensors: dict[str, torch.Tensor] | None,
+    optimizer_state: dict[str, Any] | None,
     state: TrainerState,
     config: dict[str, Any],
     rngs: list[RngState] | None = None,
+    tmp: Path | None = None,
 ) -> Path:
     """Write checkpoint `step-<state.step>` atomically under `ckpt_root`; return its path.
 
     tensors: trainable_state(model) (full tensors); optimizer_state: optimizer.state_dict();
     rngs: every rank's rng_state(), rank 0 first (default: this process's).
+    tmp: a temp_dir() the ranks already wrote `sharded/` into; tensors and optimizer_state are None then.
     """
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{STEP_PREFIX}{state.step:08d}"
-    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    prepared = tmp is not None
+    tmp = tmp or temp_dir(ckpt_root, state.step)
     try:
-        _write_dir(tmp, tensors, optimizer_state, state, config, rngs or [rng_state()])
+        _write_dir(tmp, tensors, optimizer_state, state, config, rngs or [rng_state()], prepared)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
             _delete(final)
         os.replace(tmp, final)
@@ -165,15 +179,18 @@ def save_checkpoint(
     return final
 
 
-def _write_dir(tmp: Path, tensors: dict[str, torch.Tensor], optimizer_state: dict[str, Any], state: TrainerState,
-               config: dict[str, Any], rngs: list[RngState]) -> None:
-    """All files of one checkpoint into `tmp`, state.json last, each fsynced."""
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+def _write_dir(tmp: Path, tensors: dict[str, torch.Tensor] | None, optimizer_state: dict[str, Any] | None,
+               state: TrainerState, config: dict[str, Any], rngs: list[RngState], prepared: bool) -> None:
+    """All files of one checkpoint into `tmp` (kept if `prepared`), state.json last, each fsynced."""
+    if not prepared:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     rng_tensors = {(f"rank{r}." if r else "") + k: v for r, rng in enumerate(rngs) for k, v in rng.tensors.items()}
-    _write_synced(tmp / "trainable.safetensors", lambda p: save_file(tensors, str(p)))
-    _write_synced(tmp / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
+    if tensors is not None:
+        _write_synced(tmp / "trainable.safetensors", lambda p: save_file(tensors, str(p)))
+    if optimizer_state is not None:
+        _write_synced(tmp / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
     _write_synced(tmp / "rng.safetensors", lambda p: save_file(rng_tensors, str(p)))
     payload = {"trainer": state.__dict__, "python_rng": rngs[0].python, "numpy_rng": rngs[0].numpy,
                "ranks": [{"python_rng": r.python, "numpy_rng": r.numpy} for r in rngs[1:]], "config": config}
@@ -212,11 +229,12 @@ def prune(ckpt_root: Path, keep_last: int, keep: set[Path] = frozenset()) -> Non
 
 
 def read_checkpoint(path: Path, rank: int = 0, world_size: int = 1,
-                    fsdp: bool = False) -> tuple[TrainerState, dict[str, torch.Tensor], dict[str, Any]]:
+                    fsdp: bool = False) -> tuple[TrainerState, dict[str, torch.Tensor] | None, dict[str, Any] | None]:
     """(trainer state, trainable tensors, optimizer state) of a checkpoint; restores rank `rank`'s RNGs.
 
     The checkpoint must come from a run with the same number of processes and the same sharding
-    (CheckpointError otherwise): each rank's data share and random stream depend on them.
+    (CheckpointError otherwise): each rank's data share and random stream depend on them. An FSDP2
+    checkpoint returns None for both: its tensors are in `path / SHARDED` (train.distributed).
     """
     payload = json.loads((path / "state.json").read_text())
     saved = (payload["trainer"].get("world_size", 1), payload["trainer"].get("fsdp", False))
@@ -225,8 +243,10 @@ def read_checkpoint(path: Path, rank: int = 0, world_size: int = 1,
             return f"{n} process{'es' if n > 1 else ''}" + (" with --fsdp" if sharded else "")
         raise CheckpointError(f"{path}: written by a run on {layout(*saved)}; this run has "
                               f"{layout(world_size, fsdp)}: resume with the same layout")
-    tensors = load_file(str(path / "trainable.safetensors"))
-    optimizer_state = load_optimizer_state(path / "optimizer.pt")
+    tensors = optimizer_state = None
+    if not fsdp:
+        tensors = load_file(str(path / "trainable.safetensors"))
+        optimizer_state = load_optimizer_state(path / "optimizer.pt")
     rng = load_file(str(path / "rng.safetensors"))
     if rank == 0:
         _restore_rng(rng, payload["python_rng"], payload["numpy_rng"])
@@ -235,15 +255,6 @@ def read_checkpoint(path: Path, rank: int = 0, world_size: int = 1,
         other = payload["ranks"][rank - 1]
         _restore_rng(mine, other["python_rng"], other["numpy_rng"])
     return TrainerState(**payload["trainer"]), tensors, optimizer_state
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainerState:
-    """Restore model tensors, optimizer, RNG states (one process); return the trainer state."""
-    state, tensors, optimizer_state = read_checkpoint(path)
-    load_trainable_state(model, tensors, path)
-    if optimizer is not None:
-        optimizer.load_state_dict(optimizer_state)
-    return state
 
 
 def load_optimizer_state(path: Path) -> dict[str, Any]:

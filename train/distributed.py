@@ -19,6 +19,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -150,46 +151,44 @@ def to_float(t: torch.Tensor) -> float:
 
 
 # --- state of sharded models ---------------------------------------------------------------------------
-def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
-
-
 def full_trainable_state(model: nn.Module, p: Parallel) -> dict[str, torch.Tensor]:
-    """Full (unsharded) trainable tensors by name, on CPU; under FSDP2 a collective, empty off rank 0."""
-    names = {n for n, q in model.named_parameters() if q.requires_grad}
-    if not p.fsdp:
-        return {n: q.detach().contiguous().cpu() for n, q in model.named_parameters() if n in names}
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state = get_model_state_dict(model, options=_options())
-    return {n: t.contiguous() for n, t in state.items() if n in names}
-
-
-def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Put full trainable tensors (every rank passes the same dict) into a sharded model."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    # a copy: set_model_state_dict fills the dict it is given with the model's other entries
-    set_model_state_dict(model, dict(tensors), options=_options(strict=False))
+    """Full trainable tensors by name, on the CPU of rank 0 (under FSDP2 every rank must call this:
+    each parameter is all-gathered in turn, so only one whole parameter exists at a time; other
+    ranks get an empty dict)."""
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if hasattr(param, "full_tensor") else param
+            if p.is_main:
+                out[name] = whole.detach().contiguous().cpu()
+    return out
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, p: Parallel) -> dict[str, Any]:
-    """Optimizer state keyed by parameter name, unsharded, on rank 0 (a collective under FSDP2)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """This rank's shards of the trainable tensors (and optimizer state), keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=_options())
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, dict(state), options=_options())
+    trainable = {n for n, q in model.named_parameters() if q.requires_grad}
+    state = {"model": {n: t for n, t in get_model_state_dict(model).items() if n in trainable}}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of a sharded model, unsharded on rank 0 (a collective; empty elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Every rank writes its shards of the trainable tensors and optimizer state into `path` (a collective)."""
+    import torch.distributed.checkpoint as dcp
 
-    return get_model_state_dict(model, options=_options())
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(path))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
+    """Read a save_sharded() directory back into the sharded model (and optimizer), at the same world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    state = _sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])

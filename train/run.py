@@ -234,8 +234,7 @@ def resume(run: Run) -> None:
         raise RunError(f"--resume {path}: not a complete checkpoint (no state.json)")
     run.state, tensors, optimizer_state = ckpt.read_checkpoint(path, p.rank, p.world_size, p.fsdp)
     if p.fsdp:
-        dist.load_trainable_state(run.model, tensors)
-        dist.load_optimizer_state(run.model, run.optimizer, optimizer_state)
+        dist.load_sharded(run.model, run.optimizer, path / ckpt.SHARDED)
     else:
         ckpt.load_trainable_state(run.model, tensors, path)
         run.optimizer.load_state_dict(optimizer_state)
@@ -298,18 +297,29 @@ def save(run: Run) -> Path:
     run.state.data = run.loader.state_dict()
     run.state.early_stopping = run.early.state_dict() if run.early else {}
     run.state.overfit = run.overfit.state_dict()
-    tensors = dist.full_trainable_state(run.model, p)
-    optimizer_state = dist.full_optimizer_state(run.model, run.optimizer, p) if p.fsdp else run.optimizer.state_dict()
+    root = run.out / "checkpoints"
+    tensors = optimizer_state = tmp = None
     rngs = dist.all_gather(p, ckpt.rng_state())
-    if p.is_main:
-        try:
-            path = ckpt.save_checkpoint(run.out / "checkpoints", tensors, optimizer_state, run.state,
-                                        run.cfg.to_dict(), rngs)
+    try:
+        if p.fsdp:  # each rank writes its own shards into rank 0's temporary directory
+            tmp = dist.broadcast(p, ckpt.temp_dir(root, run.state.step))
+            if p.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            dist.barrier(p)
+            dist.save_sharded(run.model, run.optimizer, tmp / ckpt.SHARDED)
+            dist.barrier(p)
+        elif p.is_main:
+            tensors, optimizer_state = ckpt.trainable_state(run.model), run.optimizer.state_dict()
+        if p.is_main:
+            path = ckpt.save_checkpoint(root, tensors, optimizer_state, run.state, run.cfg.to_dict(), rngs, tmp)
             keep = {run.best_path} if run.best_path else set()
-            ckpt.prune(run.out / "checkpoints", run.cfg.checkpoint.keep_last, keep)
-        except OSError as err:  # full disk, read-only or vanished directory: earlier checkpoints are untouched
-            raise RunError(f"cannot write checkpoint {path.name} in {path.parent} ({err.strerror or err}); "
-                           f"earlier checkpoints are intact: free space and rerun with --resume") from None
+            ckpt.prune(root, run.cfg.checkpoint.keep_last, keep)
+    except OSError as err:  # full disk, read-only or vanished directory: earlier checkpoints are untouched
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"cannot write checkpoint {path.name} in {path.parent} ({err.strerror or err}); "
+                       f"earlier checkpoints are intact: free space and rerun with --resume") from None
     dist.barrier(p)  # no rank moves on (or resumes) before the checkpoint exists
     run.saved_step = run.state.step
     return path
@@ -395,25 +405,25 @@ def check_divergence(run: Run) -> None:
 
 
 # --------------------------------------------------------------------------------------- finish
-def restore_best(run: Run) -> dict[str, torch.Tensor]:
-    """Put the best checkpoint's tensors back into the model; return the full trainable tensors."""
-    if run.best_path is None or not run.best_path.is_dir():
-        return dist.full_trainable_state(run.model, run.parallel)
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(run.best_path / "trainable.safetensors"))
+def restore_best(run: Run) -> None:
+    """Put the best checkpoint's trainable tensors back into the model."""
+    best = run.best_path
+    if best is None or not best.is_dir():
+        return
     if run.parallel.fsdp:
-        dist.load_trainable_state(run.model, tensors)
+        dist.load_sharded(run.model, None, best / ckpt.SHARDED)
     else:
-        ckpt.load_trainable_state(run.model, tensors, run.best_path)
-    return tensors
+        from safetensors.torch import load_file
+
+        ckpt.load_trainable_state(run.model, load_file(str(best / "trainable.safetensors")), best)
 
 
-def save_product(run: Run, tensors: dict[str, torch.Tensor]) -> Path:
+def save_product(run: Run) -> Path:
     """Rank 0 writes the adapter or model. A sharded model is first rebuilt whole on the CPU from the
     gathered tensors, so the files are the same Hugging Face / PEFT files one process would write."""
     p = run.parallel
     product = run.out / ("model" if run.cfg.run.method == "full" else "adapter")
+    tensors = dist.full_trainable_state(run.model, p) if p.fsdp else {}
     if p.is_main:
         model = run.model
         if p.fsdp:
@@ -474,7 +484,8 @@ def show_samples(run: Run, title: str, n: int = 3) -> None:
 
 
 def finish(run: Run, first_val: float | None) -> dict:
-    product = save_product(run, restore_best(run))
+    restore_best(run)
+    product = save_product(run)
     best = run.state.best_val_loss
     summary = {
         "method": run.cfg.run.method,
