@@ -522,7 +522,10 @@ def train(cfg: TrainConfig, samples: bool = True, parallel: Parallel = SINGLE, d
     """
     run = setup(cfg, parallel, device)
     if parallel.is_main:
-        layout = f", {parallel.world_size} processes ({parallel.mode})" if parallel.enabled else ""
+        c = run.cfg
+        layout = (f", {parallel.world_size} processes ({parallel.mode}), global batch {c.data.batch_size} x "
+                  f"{c.optim.grad_accum} x {parallel.world_size} = {c.data.batch_size * c.optim.grad_accum * parallel.world_size} rows"
+                  if parallel.enabled else "")
         print(f"{run.cfg.run.method} on {run.model_path} ({run.device}, "
               f"{'bf16 autocast' if run.amp_dtype else 'float32'}{layout}); {run.total_steps} steps", file=sys.stderr)
         print(run.data.summary(), file=sys.stderr)
