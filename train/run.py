@@ -522,10 +522,8 @@ def train(cfg: TrainConfig, samples: bool = True, parallel: Parallel = SINGLE, d
     """
     run = setup(cfg, parallel, device)
     if parallel.is_main:
-        c = run.cfg
-        layout = (f", {parallel.world_size} processes ({parallel.mode}), global batch {c.data.batch_size} x "
-                  f"{c.optim.grad_accum} x {parallel.world_size} = {c.data.batch_size * c.optim.grad_accum * parallel.world_size} rows"
-                  if parallel.enabled else "")
+        b, k, n = run.cfg.data.batch_size, run.cfg.optim.grad_accum, parallel.world_size
+        layout = f", {n} processes ({parallel.mode}), global batch {b} x {k} x {n} = {b * k * n} rows" if n > 1 else ""
         print(f"{run.cfg.run.method} on {run.model_path} ({run.device}, "
               f"{'bf16 autocast' if run.amp_dtype else 'float32'}{layout}); {run.total_steps} steps", file=sys.stderr)
         print(run.data.summary(), file=sys.stderr)
