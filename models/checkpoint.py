@@ -146,6 +146,8 @@ def load_pretrained(
     """Load a llama / mistral / qwen2 / qwen3 checkpoint into a `Decoder`.
 
     dtype: weights' dtype (default: the dtype the checkpoint was saved in, else float32).
+    device: "meta" gives the skeleton only (checked against the files, nothing read), for a sharded
+    model that is filled from another process later.
     quantize: None or "nf4" (decoder-block linears become frozen 4-bit `NF4Linear`s computing in
     `compute_dtype`, default bfloat16). The model is returned in eval mode with `source_dir` set.
     """
@@ -160,9 +162,14 @@ def load_pretrained(
         model = Decoder(config)
     expected = expected_tensors(model)
     _check_names(model_dir, entries, expected)
-    with freed_memory_returned():
-        _read_weights(model, entries, expected, dtype, device, quantize, compute_dtype or torch.bfloat16)
-    _materialize_buffers(model, device)
+    if device.type == "meta":
+        if quantize:
+            raise ValueError("quantize needs the weights: it cannot load onto the meta device")
+        model.to(dtype)
+    else:
+        with freed_memory_returned():
+            _read_weights(model, entries, expected, dtype, device, quantize, compute_dtype or torch.bfloat16)
+        materialize_buffers(model, device)
     model.tie_weights()
     model.source_dir = model_dir
     model.quantized = quantize
@@ -273,7 +280,7 @@ def _swap_in_nf4(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
     setattr(model.get_submodule(parent_name), child, qlinear)
 
 
-def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
+def materialize_buffers(model: nn.Module, device: torch.device) -> None:
     """Recompute non-persistent buffers (rotary frequencies) that the meta device left empty."""
     from models.decoder import rope_inv_freq
 

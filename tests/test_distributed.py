@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_task_data
+from tests.conftest import make_run_model, make_task_data
 from train.checkpoint import SHARDED
 from train.data import PLACEHOLDER, Example, StepLoader, count_target_tokens, eval_batches, rank_share
 
@@ -111,6 +111,22 @@ def test_two_processes_train_what_one_process_trains(run_model, single, tmp_path
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["sharding"] == sharding
+
+
+def test_fsdp_full_with_tied_embeddings_trains_what_one_process_trains(tmp_path):
+    """The tied embedding/head is one parameter used at both ends; sharded, it must stay one."""
+    model = make_run_model(tmp_path / "tied", tie_word_embeddings=True)
+    data = _data(tmp_path)
+    _train(_args(model, data, tmp_path / "one", "full", 8), 1)
+    _train(_args(model, data, tmp_path / "two", "full", 4, "--fsdp"), 2)
+    for a, b in zip(_rows(tmp_path / "two"), _rows(tmp_path / "one")):
+        for key in ("loss", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    got, want = _product(tmp_path / "two", "full"), _product(tmp_path / "one", "full")
+    assert "lm_head.weight" not in want and got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])

@@ -108,9 +108,13 @@ def broadcast(p: Parallel, obj: Any) -> Any:
 
 
 # --- wrapping ----------------------------------------------------------------------------------------
-def wrap(model: nn.Module, p: Parallel, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, p: Parallel, device: torch.device,
+         full_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The module the training forward goes through: DDP(model), or `model` itself after fully_shard.
 
+    FSDP2: `model` is a meta-device skeleton on every rank and `full_state` its whole state dict on
+    rank 0 (CPU), None elsewhere: after sharding, each rank allocates only its shards on `device` and
+    rank 0 broadcasts the values tensor by tensor, so one copy of the model is ever read into memory.
     The loss reads `model.lm_head.weight` outside the forward call; both engines allow that because
     they hook gradients on the parameters themselves (DDP's reducer; FSDP2 keeps the root's
     parameters unsharded from forward until its post-backward callback).
@@ -118,11 +122,18 @@ def wrap(model: nn.Module, p: Parallel, device: torch.device) -> nn.Module:
     if not p.enabled:
         return model
     if p.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import fully_shard
+
+        from models.checkpoint import materialize_buffers
 
         for block in model.model.layers:
             fully_shard(block)
         fully_shard(model)
+        model.to_empty(device=device)
+        materialize_buffers(model, device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full_state if p.is_main else {}, options=options)
         return model
     from torch.nn.parallel import DistributedDataParallel
 

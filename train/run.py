@@ -174,9 +174,16 @@ def setup(cfg: TrainConfig, parallel: Parallel = SINGLE, device: torch.device | 
         check_memory(cfg, config, device, amp_dtype)
     tokenizer = load_tokenizer(model_path)
     data = load_datasets(cfg.data, tokenizer, cfg.run.seed)
-    # FSDP2 moves each block to the device as it shards it, so the whole model never sits on one GPU
-    model = build_model(cfg, model_path, torch.device("cpu") if parallel.fsdp else device, amp_dtype or torch.float32)
-    forward = dist.wrap(model, parallel, device)
+    compute = amp_dtype or torch.float32
+    full_state = None
+    if not parallel.fsdp:
+        model = build_model(cfg, model_path, device, compute)
+    else:  # a skeleton everywhere; rank 0 alone reads the weights and sends each rank its shards
+        model = build_model(cfg, model_path, torch.device("meta"), compute)
+        if parallel.is_main:
+            full_state = build_model(cfg, model_path, torch.device("cpu"), compute).state_dict()
+    forward = dist.wrap(model, parallel, device, full_state)
+    del full_state
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.optim)  # after sharding
     loader = StepLoader(data.train, cfg.data.batch_size, tokenizer.pad_id, cfg.optim.grad_accum, cfg.run.seed,
                         rank=parallel.rank, world_size=parallel.world_size)
