@@ -15,6 +15,7 @@ import models
 from models.config import ModelConfig
 from tests.conftest import TASK_WORDS, make_task_data, make_tokenizer_files
 from train import memory
+from train.loss import chunk_rows
 from train.memory import Settings, estimate_peak_bytes
 from train.run import main
 
@@ -51,7 +52,8 @@ def test_activations_scale_with_tokens_and_shrink_with_checkpointing():
     assert four.activations == pytest.approx(4 * one.activations, rel=1e-9)
     ckpt = estimate_peak_bytes(LLAMA_7B, Settings("lora", 4, 512, compute_bytes=2, grad_checkpointing=True))
     assert ckpt.activations < four.activations / 5
-    assert four.logits == 2048 * 32000 * (4 + 4 + 2)  # one chunk of rows, not all 4 * 512
+    assert chunk_rows(32000) < 4 * 512
+    assert four.logits == chunk_rows(32000) * 32000 * (4 + 4 + 2)  # one chunk of rows, not all 4 * 512
 
 
 def test_valve_refuses_a_run_that_will_not_fit_and_names_settings_that_would(run_model, tmp_path, monkeypatch, capsys):

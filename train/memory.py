@@ -14,7 +14,7 @@ The model, in bytes (p = parameters; a = compute-dtype bytes, 2 for bf16 autocas
     activations  per token per block, what autograd keeps (norm inputs/outputs, q/k/v, attention
                  output, SwiGLU's four intermediate-width tensors; LoRA inputs and dropout masks), x layers; with --grad-checkpointing one block input per layer
                  plus one block's full set during its recomputation
-    logits       one chunk (<= 2048 target rows) of float32 logits, its softmax gradient and a copy
+    logits       one chunk (train.loss.chunk_rows(V) target rows) of float32 logits, its softmax gradient and a copy
     slack        +25% of activations and logits: allocator fragmentation (freed blocks that cannot be
                  reused for the next, differently sized tensors; measured on CPU with glibc)
     runtime      a fixed 96 MiB: kernels, allocator pools and library state that appear with the first
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from models.config import ModelConfig
+from train.loss import chunk_rows
 
 NF4_BITS_PER_PARAM = 4.127  # 4-bit codes + double-quantized absmax (blocks of 64, second level of 256)
-LOSS_CHUNK_ROWS = 2048  # train.loss.causal_lm_loss_sum's chunk
 EIGHT_BIT_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit")
 ALLOCATOR_SLACK = 0.25  # fraction of activations + logits lost to fragmentation (tests/test_memory.py)
 
@@ -143,7 +143,7 @@ def estimate_peak_bytes(cfg: ModelConfig, s: Settings) -> MemoryEstimate:
     layers = cfg.num_hidden_layers
     activations = layers * residual + per_layer if s.grad_checkpointing else layers * per_layer
     activations += 3 * residual  # embedding output, final norm, the hidden rows gathered for the loss
-    rows = min(LOSS_CHUNK_ROWS, tokens)
+    rows = min(chunk_rows(cfg.vocab_size), tokens)
     logits = rows * cfg.vocab_size * (4 + 4 + s.compute_bytes)
     optim_bytes = 2 if s.optim in EIGHT_BIT_OPTIMIZERS else 8
     matrices = sum(a * b for a, b in _linear_shapes(cfg).values()) * layers
