@@ -1,22 +1,27 @@
 """This project's trainer vs Hugging Face Trainer + PEFT (+ bitsandbytes): tokens/s, peak memory, loss.
 
-    OMP_NUM_THREADS=2 python -m benchmarks.vs_hf [--quick] [--methods lora,qlora,full] [--json PATH] [--profile]
+    OMP_NUM_THREADS=2 python -m benchmarks.vs_hf [--quick] [--shape NAME] [--methods lora,qlora,full]
+        [--seq N] [--batch N] [--grad-checkpointing] [--device cpu|cuda] [--json PATH] [--profile]
 
-One random Llama in a published shape (SmolLM2-135M by default; --quick: a ~33M-parameter shape)
-is saved once; each (implementation, method) pair then trains it in a fresh process on the same
-synthetic token rows, with the same sequence length, batch, steps, optimizer (AdamW, constant lr,
-no weight decay, clip 1.0), LoRA settings (r=16, alpha=32, dropout 0.05 on q,k,v,o) and precision
-(bf16 autocast on the CPU; HF: TrainingArguments(bf16=True, use_cpu=True)).
+One random model in a published shape (SmolLM2-135M's by default; --quick: a ~33M-parameter Llama;
+--shape qwen2.5-0.5b: Qwen2.5-0.5B's, 494M parameters) is saved once; each (implementation, method)
+pair then trains it in a fresh process on the same synthetic token rows, with the same sequence
+length, batch, steps, optimizer (AdamW, constant lr, no weight decay, clip 1.0), LoRA settings
+(r=16, alpha=32, dropout 0.05 on q,k,v,o), precision (bf16 autocast; HF: TrainingArguments(bf16=True,
+use_cpu=True on the CPU)) and activation-checkpointing setting (off unless --grad-checkpointing,
+which turns it on for both).
 
 - ours: `train.methods.build_model` + `train.loop.train_step`, the functions `train.run` uses
   (no evaluation, checkpoints or logging files, so only the step itself is timed).
-- hf:   `LlamaForCausalLM` (+ `peft.get_peft_model`; qlora: `BitsAndBytesConfig` nf4 4-bit) + `Trainer`.
+- hf:   `AutoModelForCausalLM` (+ `peft.get_peft_model`; qlora: `BitsAndBytesConfig` nf4 4-bit) + `Trainer`.
 
-tokens/s counts the steps after --warmup steps. Peak memory is VmHWM (peak resident set) minus the
-resident set measured after that process's imports and before the model is built, so the two
-sides' different import footprints (transformers + peft are large) cancel out; the absolute
-VmHWM is in the JSON as peak_rss_mib. The utilisation line divides achieved FLOP/s (6N per token
-for full, 4N_frozen + 6N_adapter for LoRA) by bf16 and fp32 matmul rates timed in this run.
+tokens/s counts the steps after --warmup steps (on a GPU each step is synchronised before its clock
+stops). Peak memory on the CPU is VmHWM (peak resident set) minus the resident set measured after
+that process's imports and before the model is built, so the two sides' different import
+footprints (transformers + peft are large) cancel out; the absolute VmHWM is in the JSON as
+peak_rss_mib. On a GPU it is torch.cuda.max_memory_allocated of the worker process. The
+utilisation line divides achieved FLOP/s (6N per token for full, 4N_frozen + 6N_adapter for LoRA)
+by bf16 and fp32 matmul rates timed in this run.
 """
 from __future__ import annotations
 
@@ -36,8 +41,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
                 "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
+QWEN25_05B = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896,
+              "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+              "head_dim": 64, "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0,
+              "rms_norm_eps": 1e-6}
 QUICK = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 10, "num_attention_heads": 8,
          "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 8192, "tie_word_embeddings": True}
+SHAPES = {"quick": QUICK, "smollm2-135m": SMOLLM2_135M, "qwen2.5-0.5b": QWEN25_05B}
 LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 
@@ -84,22 +94,41 @@ def param_counts(shape: dict) -> tuple[int, int]:
     h, i, n = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     q, kv = shape["num_attention_heads"] * shape["head_dim"], shape["num_key_value_heads"] * shape["head_dim"]
     per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
+    if shape.get("model_type") == "qwen2":  # q/k/v biases
+        per_layer += q + 2 * kv
     total = n * per_layer + shape["vocab_size"] * h * (1 if shape["tie_word_embeddings"] else 2) + h
     r = LORA["r"]
     adapter = n * r * ((h + q) + 2 * (h + kv) + (q + h))
     return total, adapter
 
 
-def matmul_tflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+def matmul_tflops(dtype: torch.dtype, n: int = 2048, reps: int = 5, device: str = "cpu") -> float:
     """Best-of-reps dense matmul rate, TFLOP/s: the ceiling the training step is compared with."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if device == "cuda":
+        n *= 4  # 8192^3: big enough to keep a GPU busy
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = float("inf")
     for _ in range(reps):
+        sync(device)
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e12
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a clock read after it measures the work."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_mib(device: str, base_rss: float) -> float:
+    """The peak this process has reached: GPU bytes allocated, or on the CPU VmHWM minus `base_rss`."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return rss_mib("VmHWM") - base_rss
 
 
 # -------------------------------------------------------------------------------------- workers
@@ -112,9 +141,10 @@ def worker_ours(args: argparse.Namespace, base_rss: float) -> dict:
     cfg.run.method = args.method
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     cfg.lora.target_modules = list(LORA["targets"])
-    device = torch.device("cpu")
+    cfg.run.grad_checkpointing = bool(args.grad_checkpointing)
+    device = torch.device(args.device)
     model = build_ours(cfg, args.model, device, torch.bfloat16)
-    loaded = rss_mib("VmHWM") - base_rss
+    loaded = peak_mib(args.device, base_rss)
     opt = build_optimizer(model, LR[args.method], 0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     rows = synthetic_rows(args.vocab, args.batch * (args.warmup + args.steps), args.seq)
@@ -123,8 +153,10 @@ def worker_ours(args: argparse.Namespace, base_rss: float) -> dict:
         x = rows[step * args.batch : (step + 1) * args.batch]
         last = step == args.warmup + args.steps - 1
         with _profiler(bool(getattr(args, "profile", False)) and last):
+            sync(args.device)
             t0 = time.perf_counter()
             res = train_step(model, opt, sched, [{"input_ids": x, "labels": x}], device, torch.bfloat16, 1.0)
+            sync(args.device)
             times.append(time.perf_counter() - t0)
         losses.append(res.loss)
     return _result(args, times, losses, base_rss, loaded)
@@ -148,7 +180,7 @@ def _profiler(on: bool):
 def worker_hf(args: argparse.Namespace, base_rss: float) -> dict:
     import transformers
     from transformers import (
-        LlamaForCausalLM,
+        AutoModelForCausalLM,
         Trainer,
         TrainerCallback,
         TrainingArguments,
@@ -160,13 +192,15 @@ def worker_hf(args: argparse.Namespace, base_rss: float) -> dict:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = LlamaForCausalLM.from_pretrained(args.model, **kwargs)
+    if args.device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
     if args.method != "full":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                                  target_modules=LORA["targets"], task_type="CAUSAL_LM"))
-    loaded = rss_mib("VmHWM") - base_rss
+    loaded = peak_mib(args.device, base_rss)
     rows = synthetic_rows(args.vocab, args.batch * (args.warmup + args.steps), args.seq)
     data = [{"input_ids": r, "labels": r} for r in rows]
     times, losses, clock = [], [], {}
@@ -175,9 +209,11 @@ def worker_hf(args: argparse.Namespace, base_rss: float) -> dict:
         """Wall time per optimizer step, and the loss Trainer logs for it."""
 
         def on_step_begin(self, *a, **k):
+            sync(args.device)
             clock["t0"] = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync(args.device)
             times.append(time.perf_counter() - clock["t0"])
 
         def on_log(self, _args, _state, _control, logs=None, **k):
@@ -187,7 +223,9 @@ def worker_hf(args: argparse.Namespace, base_rss: float) -> dict:
     targs = TrainingArguments(output_dir=args.out, per_device_train_batch_size=args.batch,
                               max_steps=args.warmup + args.steps, learning_rate=LR[args.method], weight_decay=0.0,
                               lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, bf16=True,
-                              use_cpu=True, logging_steps=1, save_strategy="no", report_to=[],
+                              use_cpu=args.device == "cpu", logging_steps=1,
+                              gradient_checkpointing=bool(args.grad_checkpointing),
+                              gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no", report_to=[],
                               dataloader_num_workers=0, disable_tqdm=True, seed=0)
     Trainer(model=model, args=targs, train_dataset=data, callbacks=[Clock()]).train()
     return _result(args, times, losses, base_rss, loaded)
@@ -198,7 +236,7 @@ def _result(args: argparse.Namespace, times: list[float], losses: list[float], b
     measured = times[args.warmup :]
     return {"impl": args.worker, "method": args.method,
             "tokens_per_s": args.batch * args.seq * len(measured) / sum(measured),
-            "step_s": measured, "peak_mem_mib": rss_mib("VmHWM") - base_rss, "peak_rss_mib": rss_mib("VmHWM"),
+            "step_s": measured, "peak_mem_mib": peak_mib(args.device, base_rss), "peak_rss_mib": rss_mib("VmHWM"),
             "base_rss_mib": base_rss, "load_peak_mib": loaded, "final_loss": losses[-1] if losses else None}
 
 
@@ -220,7 +258,9 @@ def spawn(impl: str, method: str, model: Path, out: Path, opts: argparse.Namespa
     """One run in a fresh interpreter, so its peak RSS is its own; an error is returned, not raised."""
     cmd = [sys.executable, "-m", "benchmarks.vs_hf", "--worker", impl, "--method", method, "--model", str(model),
            "--out", str(out), "--seq", str(opts.seq), "--batch", str(opts.batch), "--steps", str(opts.steps),
-           "--warmup", str(opts.warmup), "--vocab", str(vocab)]
+           "--warmup", str(opts.warmup), "--vocab", str(vocab), "--device", opts.device]
+    if opts.grad_checkpointing:
+        cmd.append("--grad-checkpointing")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))})
     for line in proc.stdout.splitlines():
@@ -276,8 +316,14 @@ def versions() -> dict:
 def machine() -> dict:
     with open("/proc/cpuinfo") as info:
         cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "?")
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "bf16_units": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "platform": platform.platform()}
+    with open("/proc/meminfo") as info:
+        mem_kib = next((int(line.split()[1]) for line in info if line.startswith("MemTotal:")), 0)
+    out = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "mem_gib": round(mem_kib / 2**20, 1),
+           "bf16_units": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return out
 
 
 def profile_ours(args: argparse.Namespace, shape: dict) -> int:
@@ -295,6 +341,9 @@ def profile_ours(args: argparse.Namespace, shape: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.vs_hf", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="~33M-parameter shape, 2 x 256 tokens, 2+6 steps (~1.5 min on 2 idle cores)")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: smollm2-135m; quick with --quick)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on both sides")
     p.add_argument("--methods", default="lora,qlora,full")
     p.add_argument("--seq", type=int)
     p.add_argument("--batch", type=int)
@@ -314,14 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args)
         return 0
-    shape = QUICK if args.quick else SMOLLM2_135M
+    shape = SHAPES[args.shape or ("quick" if args.quick else "smollm2-135m")]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device")
     args.seq = args.seq or (256 if args.quick else 512)
     args.batch = args.batch or 2
     args.steps = args.steps or (6 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else 2
     from tqdm import tqdm
 
-    rates = {"bf16": matmul_tflops(torch.bfloat16), "fp32": matmul_tflops(torch.float32)}
+    rates = {"bf16": matmul_tflops(torch.bfloat16, device=args.device),
+             "fp32": matmul_tflops(torch.float32, device=args.device)}
     if args.profile:
         return profile_ours(args, shape)
     pairs = [(impl, m) for m in args.methods.split(",") for impl in ("ours", "hf")]
@@ -331,13 +383,18 @@ def main(argv: list[str] | None = None) -> int:
         rows = [spawn(impl, m, model, root / f"{impl}-{m}", args, shape["vocab_size"])
                 for impl, m in tqdm(pairs, desc="runs", unit="run")]
     total, adapter = param_counts(shape)
-    print(f"\nRandom Llama, {total / 1e6:.1f}M parameters ({shape['num_hidden_layers']} layers, hidden "
+    print(f"\nRandom {shape.get('model_type', 'llama')}, {total / 1e6:.1f}M parameters ({shape['num_hidden_layers']} layers, hidden "
           f"{shape['hidden_size']}, LoRA adapters {adapter / 1e6:.2f}M, vocab {shape['vocab_size']}), batch {args.batch} x {args.seq} tokens, "
-          f"{args.warmup} warm-up + {args.steps} timed steps, bf16 autocast, CPU, {torch.get_num_threads()} threads\n")
+          f"{args.warmup} warm-up + {args.steps} timed steps, bf16 autocast, {args.device}, {torch.get_num_threads()} threads, "
+          f"activation checkpointing {'on' if args.grad_checkpointing else 'off'}\n")
     print(report(rows, shape, rates))
     if args.json:
-        doc = {"machine": machine(), "versions": versions(), "shape": shape, "seq": args.seq, "batch": args.batch,
-               "steps": args.steps, "warmup": args.warmup, "matmul_tflops": rates, "rows": rows}
+        command = " ".join(["python -m benchmarks.vs_hf", *(sys.argv[1:] if argv is None else argv)])
+        doc = {"machine": machine(), "versions": versions(), "command": command,
+               "shape_name": args.shape or ("quick" if args.quick else "smollm2-135m"), "shape": shape,
+               "params": total, "adapter_params": adapter, "seq": args.seq, "batch": args.batch, "steps": args.steps,
+               "warmup": args.warmup, "device": args.device, "grad_checkpointing": bool(args.grad_checkpointing),
+               "matmul_tflops": rates, "rows": rows}
         Path(args.json).write_text(json.dumps(doc, indent=2))
     return 0
 

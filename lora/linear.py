@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora.lowrank import lora_delta
+
 
 def base_weight(base: nn.Module) -> torch.Tensor:
     """The base layer's dense weight [out,in]: nn.Linear's parameter, or a 4-bit layer dequantized."""
@@ -192,14 +194,17 @@ class LoRALinear(nn.Module):
         if self.disabled or self.merged or name is None:  # merged: the base weight already holds it
             return result
         out_dtype = result.dtype
-        A, B = self.lora_A[name], self.lora_B[name]
-        dropout, s = self.lora_dropout[name], self.scaling[name]
-        x = x.to(A.weight.dtype)
         if name in self.lora_magnitude_vector:
-            result = result + self._dora_term(x, result, name)
+            result = result + self._dora_term(x.to(self.lora_A[name].weight.dtype), result, name)
         else:
-            result = result + B(A(dropout(x))) * s
+            result = result + self._lora_term(x, name)
         return result.to(out_dtype)
+
+    def _lora_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """s · B A drop(x) for x [..., in] -> [..., out], through lora.lowrank (no float32 copy of x kept)."""
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return lora_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, dropout.training)
 
     def _per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each row group gets its own adapter's delta: x [B, ..., in], rows gathered per adapter.
@@ -217,14 +222,14 @@ class LoRALinear(nn.Module):
         for name, rows in self.row_groups.items():
             if name not in self.lora_A or rows.numel() == 0:
                 continue
-            A, B = self.lora_A[name], self.lora_B[name]
+            A = self.lora_A[name]
             whole = rows.numel() == x.shape[0]  # one adapter for the whole batch: no gather needed
-            xs = (x if whole else x.index_select(0, rows)).to(A.weight.dtype)
+            xs = x if whole else x.index_select(0, rows)
             base = result if whole else result.index_select(0, rows)
             if name in self.lora_magnitude_vector:
-                delta = self._dora_term(xs, base, name)
+                delta = self._dora_term(xs.to(A.weight.dtype), base, name)
             else:
-                delta = B(A(self.lora_dropout[name](xs))) * self.scaling[name]
+                delta = self._lora_term(xs, name)
             # Summed and rounded as the single-adapter path does, so low-precision outputs match it too.
             rows_out = (base + delta).to(out_dtype)
             if whole:

@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.config import ModelConfig
+from models.rmsnorm import rms_norm
+from models.swiglu import swiglu
 
 
 class RMSNorm(nn.Module):
@@ -28,10 +30,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        """x [..., C] -> [..., C]; backward keeps x and rstd only (models.rmsnorm)."""
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -62,6 +62,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # (key, inv_freq, cos, sin) of the last plain 0..T-1 table: training asks for the same length every step.
+        self._cache: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B,T] -> (cos, sin), each [B,1,T,D], computed in float32 then cast to `dtype`."""
@@ -69,6 +71,22 @@ class RotaryEmbedding(nn.Module):
             freqs = position_ids[:, :, None].float() * self.inv_freq.float()[None, None, :]  # (B, T, D/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
             return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def for_length(self, T: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [1,1,T,D] of positions 0..T-1: forward's values, kept between calls of the same length.
+
+        Keyed on the length, dtype, device and the inv_freq tensor (object and version), so a moved or
+        recomputed inv_freq is never served stale; the tables are constants (no autograd history).
+        """
+        device = torch.device(device)
+        key = (T, dtype, device, self.inv_freq._version)
+        cached = self._cache
+        if cached is None or cached[0] != key or cached[1] is not self.inv_freq:
+            with torch.no_grad():
+                cos, sin = self.forward(torch.arange(T, device=device)[None], dtype)
+            # The cache holds inv_freq itself, so `is` cannot be fooled by a reused object id.
+            self._cache = cached = (key, self.inv_freq, cos, sin)
+        return cached[2], cached[3]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +193,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        """x [..., C] -> [..., C]; the gate product keeps only gate and up for backward (models.swiglu)."""
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -246,9 +265,12 @@ class Decoder(nn.Module):
             x, attention_mask, position_ids, past, prefix, drop = self.virtual_tokens.extend(
                 x, attention_mask, position_ids, cache, doc_ids)
         B, T = x.shape[:2]
-        if position_ids is None:
-            position_ids = default_positions(attention_mask, B, T, past, x.device)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        if position_ids is None and attention_mask is None and past == 0:
+            cos, sin = self.model.rotary_emb.for_length(T, x.dtype, x.device)  # the same table every step
+        else:
+            if position_ids is None:
+                position_ids = default_positions(attention_mask, B, T, past, x.device)
+            cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         masks = {
             kind: build_mask(attention_mask, doc_ids, T, past, window, x.device)
             for kind, window in (("full", None), ("sliding", self.config.sliding_window))

@@ -1,0 +1,54 @@
+"""The arithmetic of the benchmark reports: ratios, targets and tokens/s are computed from the rows as stated."""
+from __future__ import annotations
+
+from benchmarks import report
+from benchmarks.methods import tokens_per_s
+from benchmarks.vs_hf import SHAPES, param_counts
+
+
+def doc(seq: int, rows: list[tuple[str, str, float, float]], **extra) -> dict:
+    return {"seq": seq, "device": "cpu", "grad_checkpointing": False, **extra,
+            "rows": [{"impl": i, "method": m, "tokens_per_s": t, "peak_mem_mib": p} for i, m, t, p in rows]}
+
+
+def test_ratios_are_ours_over_hf_and_skip_failed_rows():
+    d = doc(512, [("ours", "lora", 130.0, 70.0), ("hf", "lora", 100.0, 100.0), ("ours", "qlora", 90.0, 50.0)])
+    d["rows"].append({"impl": "hf", "method": "qlora", "error": ["boom"]})
+    assert report.ratios(d) == {"lora": (1.3, 0.7)}
+
+
+def test_targets_need_every_long_sequence_cpu_run_and_ignore_short_or_checkpointed_ones():
+    good = doc(512, [("ours", "lora", 140.0, 60.0), ("hf", "lora", 100.0, 100.0)])
+    bad = doc(1024, [("ours", "lora", 120.0, 60.0), ("hf", "lora", 100.0, 100.0)])
+    short = doc(256, [("ours", "lora", 50.0, 200.0), ("hf", "lora", 100.0, 100.0)])
+    ckpt = doc(512, [("ours", "lora", 50.0, 200.0), ("hf", "lora", 100.0, 100.0)], grad_checkpointing=True)
+    lines = report.targets({"vs_hf_a": good, "vs_hf_short": short, "vs_hf_ckpt": ckpt}).splitlines()
+    speed = next(line for line in lines if "LoRA tokens/s" in line and "QLoRA" not in line)
+    assert speed.endswith("| yes |") and "1.40× (a)" in speed and "short" not in speed and "ckpt" not in speed
+    speed = next(line for line in report.targets({"vs_hf_a": good, "vs_hf_b": bad}).splitlines()
+                 if "LoRA tokens/s" in line and "QLoRA" not in line)
+    assert speed.endswith("| partly |")
+    memory = next(line for line in lines if "LoRA peak memory" in line and "QLoRA" not in line)
+    assert memory.endswith("| yes |") and "0.60×" in memory
+
+
+def test_qlora_over_lora_target_uses_our_two_rows():
+    q = doc(256, [("ours", "lora", 1.0, 1000.0), ("ours", "qlora", 1.0, 440.0)], batch=1)
+    line = report.targets({"vs_hf_qwen05b": q}).splitlines()[-1]
+    assert "0.44" in line and line.endswith("| yes |")
+
+
+def test_tokens_per_s_leaves_out_the_warmup_and_weights_steps_by_time():
+    steps = [{"tokens": 100, "tokens_per_s": 1.0}, {"tokens": 100, "tokens_per_s": 100.0},
+             {"tokens": 300, "tokens_per_s": 100.0}]
+    assert tokens_per_s(steps, warmup=1) == 400 / 4.0
+
+
+def test_parameter_count_of_the_published_shapes():
+    assert abs(param_counts(SHAPES["smollm2-135m"])[0] - 134.5e6) < 0.1e6  # SmolLM2-135M: 134.5M
+    assert abs(param_counts(SHAPES["qwen2.5-0.5b"])[0] - 494.0e6) < 0.1e6  # Qwen2.5-0.5B: 494.0M
+
+
+def test_recorded_commands_are_shown_relative_to_the_checkout():
+    assert report._relative(f"python -m x --json {report.ROOT}/benchmarks/results/a.json") == \
+        "python -m x --json benchmarks/results/a.json"
