@@ -1,19 +1,20 @@
 """Causal-LM cross-entropy that never holds float32 logits for the whole batch.
 
-Only positions with a target (label != -100 after the shift) go through the output head, and
-they go in chunks of rows; each chunk is recomputed in backward instead of kept, so the peak is one
-chunk of logits [chunk, V] in float32 rather than [B, T, V]. The chunk is sized in bytes, not rows:
-2,048 rows of a 152k vocabulary would be 1.2 GB of float32 logits (and as much again for their
-gradient), more than a 0.5B model's 4-bit weights.
+Only positions with a target (label != -100 after the shift) go through the output head, and they go
+in chunks of rows. For each chunk the forward pass also computes the gradient of its summed loss,
+d/dlogits = softmax - onehot, and turns it straight into d/dhidden (and d/dhead when the head trains);
+then the chunk's logits are dropped. Backward only scales those saved gradients by the incoming one,
+so the head matmul runs once per chunk instead of being recomputed, and the peak is one chunk of
+float32 logits [chunk, V] rather than [B, T, V]. The chunk is sized in bytes, not rows: 2,048 rows of
+a 152k vocabulary would be 1.2 GB of float32 logits, more than a 0.5B model's 4-bit weights.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # label of positions without loss (the Hugging Face convention)
-CHUNK_BYTES = 128 * 2**20  # float32 logits of one chunk
+CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk
 MAX_CHUNK_ROWS = 2048
 
 
@@ -22,10 +23,47 @@ def chunk_rows(vocab_size: int) -> int:
     return max(64, min(MAX_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab_size)))
 
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of h [N,C] through the head weight [V,C] against targets [N]."""
-    logits = F.linear(h, weight).float()  # (N, V)
-    return F.cross_entropy(logits, targets, reduction="sum")
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run the head matmul in (autocast is switched off inside the Function)."""
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return h.dtype
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, y_i) for h [N, C], W [V, C], y [N]; gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = _compute_dtype(h)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            for start in range(0, h.shape[0], rows):
+                hs, ys = h[start : start + rows].to(dtype), targets[start : start + rows]
+                logits = F.linear(hs, w).float()  # (n, V)
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                total += (lse - logits.gather(1, ys[:, None]).squeeze(1)).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                probs[torch.arange(ys.numel(), device=h.device), ys] -= 1.0  # d(sum CE)/d(logits)
+                d_logits = probs.to(dtype)
+                if need_h:
+                    grad_h[start : start + rows] = d_logits @ w
+                if need_w:
+                    grad_w += (d_logits.t() @ hs).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
 
 
 def causal_lm_loss_sum(
@@ -35,20 +73,21 @@ def causal_lm_loss_sum(
 
     hidden [B,T,C] final normed hidden states; head_weight [V,C]; labels [B,T] with -100 where no
     loss is wanted (the label of position t is predicted from position t-1). Divide the sum by the
-    target count of the whole (accumulated) batch to get the mean loss. chunk: rows per chunk
+    target count of the whole (accumulated) batch to get the mean loss; the sum may only be scaled
+    (as the training loop does), since its gradient is computed in forward. chunk: rows per chunk
     (default: chunk_rows(V)).
     """
     chunk = chunk or chunk_rows(head_weight.shape[0])
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), C)
     y = labels[:, 1:].reshape(-1)
-    keep = (y != IGNORE).nonzero().squeeze(-1)
-    h, y = h.index_select(0, keep), y.index_select(0, keep)
+    keep = y != IGNORE
+    if not bool(keep.all()):  # packed rows are targets almost everywhere: skip the copy then
+        index = keep.nonzero().squeeze(-1)
+        h, y = h.index_select(0, index), y.index_select(0, index)
+    if torch.is_grad_enabled() and (h.requires_grad or head_weight.requires_grad):
+        return _HeadCrossEntropy.apply(h, head_weight, y, chunk), int(y.numel())
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, y.numel(), chunk):
-        hs, ys = h[start : start + chunk], y[start : start + chunk]
-        if torch.is_grad_enabled() and (hs.requires_grad or head_weight.requires_grad):
-            total = total + checkpoint(_chunk_loss, hs, head_weight, ys, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(hs, head_weight, ys)
+        logits = F.linear(h[start : start + chunk], head_weight).float()
+        total = total + F.cross_entropy(logits, y[start : start + chunk], reduction="sum")
     return total, int(y.numel())
-
