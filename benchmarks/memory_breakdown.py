@@ -11,8 +11,8 @@ autocast) that measures, in MiB:
 - optimizer: AdamW's state after one step (two float32 moments per trainable parameter) plus grads;
 - saved activations: distinct storages autograd keeps after one forward and the loss (counted with
   torch.autograd.graph.saved_tensors_hooks; parameters and buffers left out);
-- loss transient: the float32 logits chunk, its log-softmax and its gradient, rows x vocab x 4 x 3,
-  which exist together in the loss backward (train.loss's chunk of rows; counted, not measured);
+- loss transient: one chunk of train.loss: its float32 logits (turned into the softmax gradient in
+  place) and their bf16 copy for the matmuls, rows x vocab x (4 + 2) (counted, not measured);
 - peak: VmHWM minus the resident set after imports, over loading plus two training steps.
 The rest of the peak (peak minus the parts) is allocator slack, library workspaces and transients.
 """
@@ -112,7 +112,7 @@ def worker(args: argparse.Namespace) -> dict:
     model.zero_grad(set_to_none=True)
     out["saved_activations_mib"] = sum(saved.values()) / MiB
     target_rows = min(args.batch * (args.seq - 1), loss_chunk_rows(args.vocab))
-    out["loss_transient_mib"] = target_rows * args.vocab * 4 * 3 / MiB
+    out["loss_transient_mib"] = target_rows * args.vocab * (4 + 2) / MiB
     train_step(model, opt, sched, [{"input_ids": rows[2 * args.batch :], "labels": rows[2 * args.batch :]}], device,
                torch.bfloat16, 1.0)
     out["peak_mib"] = vs_hf.rss_mib("VmHWM") - base
@@ -169,7 +169,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"| weights: {n} | " + " | ".join(f"{r['weights_mib'][n]:,.0f}" for r in ok) + " |")
     for key, label in (("optimizer_and_grads_mib", "adapter grads + AdamW state"),
                        ("saved_activations_mib", f"saved activations (batch {args.batch} x {args.seq})"),
-                       ("loss_transient_mib", "loss transient (logits chunk, log-softmax, gradient; counted)")):
+                       ("loss_transient_mib", "loss transient (one logits chunk and its bf16 gradient; counted)")):
         lines.append(f"| {label} | " + " | ".join(f"{r[key]:,.0f}" for r in ok) + " |")
     for r in ok:
         r["sum_mib"] = sum(r["weights_mib"].values()) + r["optimizer_and_grads_mib"] + r["saved_activations_mib"] + r["loss_transient_mib"]

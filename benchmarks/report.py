@@ -36,6 +36,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 }
 BEFORE_COMMIT = "b23434d"  # the code before the activation-memory work (results/before_*.json)
 LOSS_COMMIT = "ecc8aaa"  # loss chunks sized in bytes; results/pre_ecc8aaa_*.json were measured just before it
+FUSED_LOSS_COMMIT = "8ba74d3"  # the head's cross-entropy gradient computed in forward
 
 
 def run(names: list[str]) -> None:
@@ -194,16 +195,16 @@ def render() -> str:
             out += [f"### {name}: {describe(docs[name])}", "", vs_hf_table(docs[name]), ""]
     pairs = [(label, load(f"before_{name}"), load(after)) for label, name, after in
              (("quick 33M, 2 x 512", "vs_hf_quick_seq512", "vs_hf_quick_seq512"),
-              (f"SmolLM2-135M, 2 x 512, without {LOSS_COMMIT}", "vs_hf_smollm2", f"pre_{LOSS_COMMIT}_vs_hf_smollm2"),
-              (f"SmolLM2-135M, 2 x 512, with {LOSS_COMMIT}", "vs_hf_smollm2", "vs_hf_smollm2"))]
+              ("SmolLM2-135M, 2 x 512, without the loss changes", "vs_hf_smollm2", f"pre_{LOSS_COMMIT}_vs_hf_smollm2"),
+              ("SmolLM2-135M, 2 x 512, with them", "vs_hf_smollm2", "vs_hf_smollm2"))]
     pairs = [p for p in pairs if p[1] and p[2]]
     if pairs:
         out += ["### Before and after the trainer changes", "",
                 (f"\"before\" is the code of commit {BEFORE_COMMIT} run by `benchmarks/vs_hf.py` of that commit on this "
                  "machine on the same day as the \"after\" runs (files results/before_*.json); \"after\" is the current code. "
-                 f"HF runs in both. At the SmolLM2-135M shape \"after\" is shown twice: with this work only (measured just "
-                 f"before commit {LOSS_COMMIT}, which sizes the loss chunks in bytes: results/pre_{LOSS_COMMIT}_*.json) and with "
-                 f"it (the current code). The quick shape's 8,192-token vocabulary gives the same chunks either way. Step "
+                 f"HF runs in both. At the SmolLM2-135M shape \"after\" is shown twice: the activation changes alone (measured just "
+                 f"before the loss changes of commits {LOSS_COMMIT} and {FUSED_LOSS_COMMIT}: results/pre_{LOSS_COMMIT}_*.json) and "
+                 "with the loss changes (the current code). Step "
                  "times on this VM vary by 10-20 % between runs of the same code (compare the HF rows), so only the memory "
                  "columns and large speed changes are beyond noise."), "",
                 before_after(pairs), ""]
@@ -260,19 +261,20 @@ sides; full fine-tuning keeps fp32 weights on both sides.
 NOISE = """Timings on this 2-core VM vary by ±10 % from run to run (see the step-time ranges), more when anything else
 runs; every command here was run with nothing else running. Ratios within one file come from one invocation."""
 
-TARGET_NOTES = """Why the speed target is missed on the CPU: both trainers spend the step in the same library kernels: oneDNN
-bf16 matmuls, PyTorch's CPU flash-attention forward and backward (about a third of the quick 2 x 512 step) and the
-LoRA dropout masks (`bernoulli_`, single-threaded, 13 % of that step). The masks must stay the ones nn.Dropout draws
-(the PEFT-equivalence test gives both the same seed), so no cheaper random source was used. What ours saves over HF
-is memory traffic (no float32 copies of LoRA inputs, no float32 noise tensors, fewer saved intermediates), worth up
-to about 10 %. Ours also loses time in `train/loss.py`: it recomputes every logits chunk in backward (one more
-vocabulary-sized matmul and log-softmax) and gathers the target rows; HF computes the logits once. It weighs most at
-the Qwen2.5-0.5B shape (151,936-token vocabulary, 28 % of the parameters in the head, 256 tokens per step) and it is
-the largest single item left: see "Found, not changed here" for a measured fix.
+TARGET_NOTES = """Where the speed target is met and where not: at the SmolLM2-135M shape (49,152-token vocabulary, 30 layers)
+ours runs 1.3-1.4x HF's tokens/s, mostly because the loss computes the head's gradient chunk by chunk during the
+forward pass (no float32 logits for the whole batch, no second head matmul in backward) while HF materialises and
+differentiates [batch, seq, vocab] float32 logits. At the quick 33M shape (8,192-token vocabulary) that saving is
+small, and both trainers spend the step in the same library kernels: oneDNN bf16 matmuls, PyTorch's CPU
+flash-attention forward and backward (about a third of the quick 2 x 512 step) and the LoRA dropout masks
+(`bernoulli_`, single-threaded, 13 % of that step). The masks must stay the ones nn.Dropout draws (the
+PEFT-equivalence test gives both the same seed), so no cheaper random source was used. At the Qwen2.5-0.5B shape with
+only 256 tokens per step, QLoRA's two dequantizations of every 4-bit weight per step (as bitsandbytes does) weigh
+most.
 
 Why the 0.45 memory target is missed: see "What holds the memory". The tied 151,936 x 896 embedding stays bf16
-(260 MiB) in both methods, and the parts every method shares (activations, the float32 logits of the loss, adapter
-state, runtime) do not shrink with the base weights. With the embedding in bf16, even zero shared memory would give
+(260 MiB) in both methods, and the parts every method shares (activations, one loss chunk, adapter state, runtime)
+do not shrink with the base weights. With the embedding in bf16, even zero shared memory would give
 (NF4 block linears + bf16 embedding) / (bf16 everything) = 436 / 942 MiB = 0.46."""
 
 METHODS_NOTES = """tokens/s counts target tokens; the demo rows are short (about 50 target tokens per step), so per-step costs
@@ -281,7 +283,7 @@ the slowest here while it is close to LoRA at 512+ tokens per step above. Peak m
 
 MEMORY_NOTES = """"weights" and "adapter grads + AdamW state" are measured tensor bytes; "saved activations" are the storages
 autograd holds after one forward (measured with saved_tensors_hooks); the loss transient is counted from the shapes
-(train.loss keeps one chunk of target rows of float32 logits, their log-softmax and their gradient at once). The
+(train.loss keeps one chunk of target rows of float32 logits, reused in place for their gradient, and its bf16 copy). The
 rest is the glibc heap's slack, oneDNN and OpenMP workspaces and short-lived temporaries."""
 
 FINDINGS = """## Profiling findings and what was changed
@@ -314,36 +316,22 @@ profiling runs (quick shape, 2 x 512 unless stated), not from the JSON files.
    the inputs). Caching dequantized weights between forward and backward was rejected: it would hold a bf16 copy of
    every block weight, which is what QLoRA exists to avoid.
 
+7. **The loss** (`train/loss.py`, commits ecc8aaa and 8ba74d3). It kept up to 2,048 target rows of float32 logits per
+   chunk and recomputed each chunk in backward, so the logits, their log-softmax and their gradient coexisted (575 MiB
+   at 2 x 512 with a 49,152 vocabulary, 443 MiB at 1 x 256 with 151,936), a second vocabulary-sized matmul ran in
+   backward, and the target rows were gathered even when every row is a target. Now each chunk holds at most 64 MiB of
+   float32 logits; its d(loss)/d(logits) = softmax − onehot is computed in the forward pass, in the logits' memory,
+   and turned into the gradients of the hidden states (and of the head when it trains) at once; backward only scales
+   them; the gather is skipped when every position is a target. Float32 losses and gradients equal plain
+   cross-entropy (tests/test_loss.py). Effect at the SmolLM2-135M shape, ours alone, before → after the loss changes:
+   LoRA 390 → 465 tokens/s and 1,670 → 1,380 MiB; QLoRA 364 → 488 tokens/s and 1,573 → 1,285 MiB (the table above).
+
 Measured effect on our LoRA at 2 x 512 on the quick shape (ours worker alone, one run after the other): peak
 805 → 612 MiB after changes 2-3, 608 MiB after 4; live tensor peak 322 MiB against HF's 442 MiB. The JSON-based
 before/after table above shows the effect on both shapes.
 
-### Found, not changed here (they are in files outside this work's scope)
+### Found, not changed
 
-* **The loss** (`train/loss.py`). Until commit ecc8aaa it kept up to 2048 target rows of float32 logits per chunk,
-  so the logits, their log-softmax and their gradient coexisted in backward (3 x rows x vocab x 4 bytes: 575 MiB at
-  2 x 512 with a 49,152 vocabulary, 443 MiB at 1 x 256 with 151,936); ecc8aaa sizes the chunks to 128 MiB of
-  logits. It still recomputes each chunk in backward (checkpoint), which costs a second vocabulary-sized matmul and
-  log-softmax per step, and it gathers the target rows with index_select even when every row is a target. A linear +
-  cross-entropy autograd function that computes d(loss)/d(logits) = softmax − onehot chunk by chunk in forward
-  (chunks of at most 64 MiB of float32 logits), turns it into the gradients of h (and of the head when it trains) at
-  once and only scales them in backward, was tried as a scratch patch of `train.loop.causal_lm_loss_sum` (not in the
-  repository; float32 loss and gradients equal the 2048-row train.loss's to 1e-8). Before ecc8aaa, ours worker,
-  same settings, 2048-row loss → patched loss, one after the other:
-
-  | shape, tokens per step | method | s/step | peak MiB |
-  |---|---|---:|---:|
-  | quick 33M, 2 x 512 | lora | 0.586 → 0.56 | 606 → 480 |
-  | quick 33M, 2 x 512 | qlora | 0.65 → 0.67 | 593 → 518 |
-  | SmolLM2-135M, 2 x 512 | lora | 2.38 → 2.04 | 1,653 → 1,326 |
-  | SmolLM2-135M, 2 x 512 | qlora | 2.40 → 2.19 | 1,564 → 1,214 |
-  | Qwen2.5-0.5B, 1 x 256 | lora | 1.43 → 1.16 | 1,802 → 1,583 |
-  | Qwen2.5-0.5B, 1 x 256 | qlora | 1.53 → 1.27 | 1,486 → 1,254 |
-
-  Against the HF rows of the pre-ecc8aaa SmolLM2-135M run (results/pre_ecc8aaa_vs_hf_smollm2.json) that would be
-  about 1.4× (LoRA) and 1.2× (QLoRA) the tokens/s at 0.6× the memory; at the quick shape it stays near 1.0-1.1×
-  speed and 0.75-0.9× memory. Part of the memory gain is what ecc8aaa now gets by smaller chunks; the speed gain
-  (no recomputed logits, no gather) is not.
 * **glibc mmap threshold after loading** (`models/checkpoint.freed_memory_returned` sets 32 MiB): at the quick shape,
   after changes 2-3, an 8 MiB threshold during training measured 612 → 528 MiB peak at about the same speed, and
   1 MiB 479 MiB at 29 % fewer tokens/s (page faults); at the 135M shape 8 MiB made no difference (its large tensors
@@ -353,7 +341,7 @@ before/after table above shows the effect on both shapes.
 * **Quantizing the tied embedding / head for QLoRA** would be needed for the 0.45 target at 0.5B; the loss takes
   the head as one dense weight (`train.loop.forward_loss_sum` → `train.loss`), so it needs a loss that dequantizes
   the head per vocabulary chunk.
-* **QLoRA's extra "rest"** at 0.5B (434 vs 215 MiB for LoRA in the breakdown) is probably heap fragmentation by
+* **QLoRA's extra "rest"** at 0.5B (571 vs 347 MiB for LoRA in the breakdown) is probably heap fragmentation by
   the per-layer dequantized weights (short-lived bf16 blocks of up to 8.3 MiB, made twice per layer per step);
   not verified. Dequantizing into one reused buffer would avoid it, but bitsandbytes 0.50's CPU backend has no
   `out=` kernel for dequantize_4bit (tried: NotImplementedError), and a copy into the buffer would cost a pass.
