@@ -3,9 +3,9 @@
     torchrun --nproc_per_node 4 -m train.run --method lora ...          # DDP
     torchrun --nproc_per_node 4 -m train.run --method full --fsdp ...   # FSDP2
 
-Every process (rank) holds the same model and optimizer (DDP) or a 1/world slice of every trainable
-parameter, its gradient and its optimizer state (FSDP2, `torch.distributed.fsdp.fully_shard` per
-decoder block and once at the root). A step's micro-batches are cut from one global batch of
+Every process (rank) holds the same model and optimizer (DDP) or a 1/world slice of every parameter
+and of the trainable ones' gradients and optimizer state (FSDP2, `torch.distributed.fsdp.fully_shard`
+per decoder block and once at the root). A step's micro-batches are cut from one global batch of
 batch_size x world_size rows, each rank taking its share, and every rank divides its summed loss by
 the target tokens of the whole global window (all-reduced before the forward pass). DDP and FSDP2
 average gradients over ranks, so the loss is also multiplied by world_size: the update is then the
