@@ -509,6 +509,11 @@ class BatchSampler:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
+def placeholder_batch(item: Example | PackedRow, pad_id: int) -> dict[str, torch.Tensor]:
+    """A one-row batch marked PLACEHOLDER: run with zero weight by a rank that has no rows of its own there."""
+    return {**collate([item], pad_id), PLACEHOLDER: torch.ones(())}
+
+
 def rank_share(n: int, rank: int, world_size: int) -> slice:
     """Rank `rank`'s contiguous part of n items; parts differ by at most one (lower ranks get more)."""
     base, extra = divmod(n, world_size)
@@ -550,7 +555,7 @@ class StepLoader:
     def _collate_share(self, batch: list[int]) -> dict[str, torch.Tensor]:
         mine = batch[rank_share(len(batch), self.rank, self.world_size)]
         if not mine:
-            return {**collate([self.items[batch[0]]], self.pad_id), PLACEHOLDER: torch.ones(())}
+            return placeholder_batch(self.items[batch[0]], self.pad_id)
         return collate([self.items[i] for i in mine], self.pad_id)
 
     def state_dict(self) -> dict[str, Any]:
@@ -571,7 +576,7 @@ def eval_batches(items: Sequence[Example | PackedRow], batch_size: int, pad_id: 
     batches = [collate(mine[i : i + batch_size], pad_id) for i in range(0, len(mine), batch_size)]
     most = math.ceil(math.ceil(len(items) / world_size) / batch_size)
     while len(batches) < most:
-        batches.append({**collate([items[0]], pad_id), PLACEHOLDER: torch.ones(())})
+        batches.append(placeholder_batch(items[0], pad_id))
     return batches
 
 

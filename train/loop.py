@@ -75,6 +75,11 @@ def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
     return causal_lm_loss_sum(hidden, model.lm_head.weight, batch["labels"])
 
 
+def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's inputs of `batch` on `device` (the PLACEHOLDER mark stays behind)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != PLACEHOLDER}
+
+
 def accumulate_gradients(
     model: nn.Module,
     micro_batches: Sequence[dict[str, torch.Tensor]],
@@ -97,7 +102,7 @@ def accumulate_gradients(
     loss_sum = 0.0
     for i, mb in enumerate(micro_batches):
         weight = 0 if PLACEHOLDER in mb else parallel.world_size  # a placeholder only keeps collectives in step
-        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items() if k != PLACEHOLDER}
+        mb = _on_device(mb, device)
         with gradient_sync(forward or model, parallel, sync=i == len(micro_batches) - 1):
             with autocast_context(device, autocast_dtype):
                 summed, _ = forward_loss_sum(model, mb, forward)
@@ -150,7 +155,7 @@ def evaluate_loss(
     total, count = 0.0, 0
     for batch in batches:
         placeholder = PLACEHOLDER in batch
-        batch = {k: v.to(device) for k, v in batch.items() if k != PLACEHOLDER}
+        batch = _on_device(batch, device)
         with autocast_context(device, autocast_dtype):
             summed, n = forward_loss_sum(model, batch)
         if not placeholder:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lora.lowrank import compute_dtype
+
 IGNORE = -100  # label of positions without loss (the Hugging Face convention)
 CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk
 MAX_CHUNK_ROWS = 2048
@@ -23,20 +25,13 @@ def chunk_rows(vocab_size: int) -> int:
     return max(64, min(MAX_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab_size)))
 
 
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would run the head matmul in (autocast is switched off inside the Function)."""
-    if torch.is_autocast_enabled(h.device.type):
-        return torch.get_autocast_dtype(h.device.type)
-    return h.dtype
-
-
 class _HeadCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, y_i) for h [N, C], W [V, C], y [N]; gradients computed chunk by chunk in forward."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dtype = _compute_dtype(h)
+        dtype = compute_dtype(h, h.dtype)  # autocast's, as F.linear would run (autocast is off in here)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
