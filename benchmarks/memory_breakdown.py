@@ -1,10 +1,10 @@
 """Which tensors hold this trainer's memory: weights by kind, optimizer state, saved activations, loss.
 
-    OMP_NUM_THREADS=2 python -m benchmarks.memory_breakdown [--shape qwen2.5-0.5b] [--methods lora,qlora]
-        [--seq 256] [--batch 1] [--json PATH]
+    OMP_NUM_THREADS=2 python -m benchmarks.memory_breakdown [--shape qwen2.5-0.5b] [--methods lora,qlora,qlora+embed]
+        [--seq 256] [--batch 1] [--grad-checkpointing] [--json PATH]
 
 Each method runs in a fresh process (benchmarks.vs_hf's model and settings: r=16 on q,k,v,o, bf16
-autocast) that measures, in MiB:
+autocast) that measures, in MiB (qlora+embed is qlora with --quantize-embeddings):
 
 - weights: bytes of parameters and buffers, split into block linears (bf16 or NF4), embedding /
   tied head, norms and biases, and LoRA adapters (float32 masters);
@@ -81,7 +81,9 @@ def worker(args: argparse.Namespace) -> dict:
 
     base = vs_hf.rss_mib()
     cfg = TrainConfig()
-    cfg.run.method = args.method
+    cfg.run.method, _, embed = args.method.partition("+")
+    cfg.lora.quantize_embeddings = embed == "embed"
+    cfg.run.grad_checkpointing = bool(args.grad_checkpointing)
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = vs_hf.LORA["r"], vs_hf.LORA["alpha"], vs_hf.LORA["dropout"]
     cfg.lora.target_modules = list(vs_hf.LORA["targets"])
     device = torch.device("cpu")
@@ -111,8 +113,13 @@ def worker(args: argparse.Namespace) -> dict:
     summed.backward()
     model.zero_grad(set_to_none=True)
     out["saved_activations_mib"] = sum(saved.values()) / MiB
-    target_rows = min(args.batch * (args.seq - 1), loss_chunk_rows(args.vocab))
-    out["loss_transient_mib"] = target_rows * args.vocab * (4 + 2) / MiB
+    vocab = args.vocab
+    if cfg.lora.quantize_embeddings:  # the 4-bit head is read by vocabulary slices (train.loss)
+        from quant.embedding import QuantizedHead
+
+        vocab = min(vocab, QuantizedHead.VOCAB_CHUNK)
+    target_rows = min(args.batch * (args.seq - 1), loss_chunk_rows(vocab))
+    out["loss_transient_mib"] = target_rows * vocab * (4 + 2) / MiB
     train_step(model, opt, sched, [{"input_ids": rows[2 * args.batch :], "labels": rows[2 * args.batch :]}], device,
                torch.bfloat16, 1.0)
     out["peak_mib"] = vs_hf.rss_mib("VmHWM") - base
@@ -125,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="lora,qlora")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on")
     p.add_argument("--keep", help="build the model in this directory instead of a temporary one")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -145,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods.split(","):
             cmd = [sys.executable, "-m", "benchmarks.memory_breakdown", "--worker", "--method", method, "--model", str(model),
                    "--vocab", str(shape["vocab_size"]), "--seq", str(args.seq), "--batch", str(args.batch)]
+            cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             rows.append(json.loads(line[7:]) if line else {"method": method, "error": proc.stderr.strip().splitlines()[-1:]})
     print(report(rows, args))
     if args.json:
         doc = {"machine": vs_hf.machine(), "versions": vs_hf.versions(), "shape_name": args.shape, "shape": shape,
-               "seq": args.seq, "batch": args.batch,
+               "seq": args.seq, "batch": args.batch, "grad_checkpointing": bool(args.grad_checkpointing),
                "command": " ".join(["python -m benchmarks.memory_breakdown", *(sys.argv[1:] if argv is None else argv)]),
                "rows": rows}
         Path(args.json).write_text(json.dumps(doc, indent=2))

@@ -45,9 +45,11 @@ QWEN25_05B = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hid
               "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
               "head_dim": 64, "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0,
               "rms_norm_eps": 1e-6}
+QWEN25_15B = {**QWEN25_05B, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+              "num_attention_heads": 12, "head_dim": 128}
 QUICK = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 10, "num_attention_heads": 8,
          "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 8192, "tie_word_embeddings": True}
-SHAPES = {"quick": QUICK, "smollm2-135m": SMOLLM2_135M, "qwen2.5-0.5b": QWEN25_05B}
+SHAPES = {"quick": QUICK, "smollm2-135m": SMOLLM2_135M, "qwen2.5-0.5b": QWEN25_05B, "qwen2.5-1.5b": QWEN25_15B}
 LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 

@@ -94,7 +94,8 @@ def peft_config_dict(model: nn.Module, config: LoraConfig, base_model_name_or_pa
 def training_record(model: nn.Module, adapter_name: str) -> dict[str, Any]:
     """How the base under adapter `adapter_name` was held while training.
 
-    base_quantization: "nf4" or None; compute_dtype: the 4-bit layers' matmul dtype; base_dtype: the
+    base_quantization: "nf4" or None; compute_dtype: the 4-bit layers' matmul dtype; quantized_embeddings:
+    present (true) when the embedding and output head were 4-bit as well; base_dtype: the
     dtype of the base's full-precision tensors, which is also the dtype the 4-bit weights were
     quantized from (the loader quantizes each weight as read in that dtype), so a merge can
     re-quantize the very same 4-bit weights.
@@ -107,6 +108,8 @@ def training_record(model: nn.Module, adapter_name: str) -> dict[str, Any]:
     record: dict[str, Any] = {"base_quantization": "nf4" if quantized else None, "base_dtype": _dtype_name(base_dtype)}
     if quantized:
         record["compute_dtype"] = _dtype_name(getattr(quantized[0], "compute_dtype", None))
+    if getattr(model, "quantized_embeddings", False):  # the embedding and head were 4-bit too
+        record["quantized_embeddings"] = True
     return record
 
 

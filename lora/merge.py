@@ -8,7 +8,8 @@ Which weights the adapter is added to (--into):
   (QLoRA) was trained against, so the merged model computes what was trained; it is the default
   for such adapters (recorded in the adapter's lora_training.json). The base is re-quantized from
   the dtype training loaded it in (lora_training.json's base_dtype), which gives the same 4-bit
-  weights bit for bit; the other tensors (embeddings, norms, lm_head) are likewise those trained with.
+  weights bit for bit; the other tensors (embeddings, norms, lm_head) are likewise those trained with
+  (embedding and head dequantized from 4 bits when training held them so: --quantize-embeddings).
 - original: the checkpoint's full-precision weights; the default for adapters trained on a
   full-precision base. For a QLoRA adapter this gives a slightly different model from the one
   trained, since the quantization error of the base is not part of it.
@@ -69,7 +70,8 @@ def merge_adapter(
         # Quantize from the dtype training loaded the base in, so the 4-bit weights are the trained-against
         # ones bit for bit; float32 compute: the merged weight is dequantize(W) + delta, rounded once to `stored`.
         quantized_from = _recorded_dtype(record, "base_dtype", adapter_dir)
-        model = load_pretrained(base_dir, dtype=quantized_from, quantize="nf4", compute_dtype=torch.float32)
+        model = load_pretrained(base_dir, dtype=quantized_from, quantize="nf4", compute_dtype=torch.float32,
+                                quantize_embeddings=bool(record.get("quantized_embeddings")))
     else:
         # Merging rounds (W + delta) computed in float32 once to the weight dtype, so load in `stored` directly.
         model = load_pretrained(base_dir, dtype=stored)

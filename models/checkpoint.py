@@ -126,14 +126,36 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+READ_CHUNK_BYTES = 16 * 2**20  # staging buffer when a tensor changes dtype while read
+
+
 def read_tensor(f: BinaryIO, entry: TensorEntry, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Read one tensor from an open file into a new tensor of `dtype` on `device`."""
-    out = torch.empty(entry.shape, dtype=entry.dtype)
+    """Read one tensor from an open file into a new tensor of `dtype` on `device`.
+
+    A tensor stored in another dtype is converted piece by piece on the CPU, so reading a float32
+    embedding into bfloat16 peaks at the bfloat16 tensor plus 16 MiB, not at both whole copies.
+    """
     f.seek(entry.start)
-    buf = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
-    if f.readinto(memoryview(buf)) != entry.end - entry.start:
+    if entry.dtype == dtype or device.type != "cpu":
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+        _read_into(f, out.reshape(-1), entry)
+        return out.to(device=device, dtype=dtype)
+    out = torch.empty(entry.shape, dtype=dtype)
+    flat = out.reshape(-1)
+    step = max(1, READ_CHUNK_BYTES // entry.dtype.itemsize)
+    staging = torch.empty(min(step, flat.numel()), dtype=entry.dtype)
+    for start in range(0, flat.numel(), step):
+        piece = staging[: min(step, flat.numel() - start)]
+        _read_into(f, piece, entry)
+        flat[start : start + piece.numel()] = piece
+    return out
+
+
+def _read_into(f: BinaryIO, flat: torch.Tensor, entry: TensorEntry) -> None:
+    """Fill the contiguous 1-D tensor `flat` with the next bytes of `f`."""
+    buf = flat.view(torch.uint8).numpy() if flat.numel() else bytearray()
+    if f.readinto(memoryview(buf)) != len(buf):
         raise CheckpointError(f"{entry.file}: truncated while reading a tensor")
-    return out.to(device=device, dtype=dtype)
 
 
 def load_pretrained(
@@ -142,6 +164,7 @@ def load_pretrained(
     device: torch.device | str | None = None,
     quantize: str | None = None,
     compute_dtype: torch.dtype | None = None,
+    quantize_embeddings: bool = False,
 ) -> Decoder:
     """Load a llama / mistral / qwen2 / qwen3 checkpoint into a `Decoder`.
 
@@ -149,7 +172,9 @@ def load_pretrained(
     device: "meta" gives the skeleton only (checked against the files, nothing read), for a sharded
     model that is filled from another process later.
     quantize: None or "nf4" (decoder-block linears become frozen 4-bit `NF4Linear`s computing in
-    `compute_dtype`, default bfloat16). The model is returned in eval mode with `source_dir` set.
+    `compute_dtype`, default bfloat16). quantize_embeddings (with quantize="nf4"): the token embedding
+    and the output head become 4-bit too (quant.embedding; tied, they stay one module). The model is
+    returned in eval mode with `source_dir` set.
     """
     model_dir = resolve_model_dir(path_or_hub_id)
     config = ModelConfig.from_file(model_dir / "config.json")
@@ -157,6 +182,8 @@ def load_pretrained(
     device = torch.device(device or "cpu")
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize={quantize!r}: only 'nf4' is supported")
+    if quantize_embeddings and not quantize:
+        raise ValueError("quantize_embeddings needs quantize='nf4'")
     entries = index_checkpoint(model_dir)
     with torch.device("meta"):
         model = Decoder(config)
@@ -168,11 +195,13 @@ def load_pretrained(
         model.to(dtype)
     else:
         with freed_memory_returned():
-            _read_weights(model, entries, expected, dtype, device, quantize, compute_dtype or torch.bfloat16)
+            _read_weights(model, entries, expected, dtype, device, quantize, compute_dtype or torch.bfloat16,
+                          quantize_embeddings)
         materialize_buffers(model, device)
     model.tie_weights()
     model.source_dir = model_dir
     model.quantized = quantize
+    model.quantized_embeddings = quantize_embeddings
     return model.eval()
 
 
@@ -184,8 +213,10 @@ def _read_weights(
     device: torch.device,
     quantize: str | None,
     compute_dtype: torch.dtype,
+    quantize_embeddings: bool = False,
 ) -> None:
-    """Fill the meta model module by module; quantize a block linear as soon as its tensors are read."""
+    """Fill the meta model module by module; quantize a block linear (and with quantize_embeddings the
+    embedding and an untied head) as soon as its tensors are read."""
     handles: dict[Path, BinaryIO] = {}
     try:
         for module_name, module in _leaf_modules(model):
@@ -200,6 +231,8 @@ def _read_weights(
                 tensors[name.rpartition(".")[2]] = read_tensor(f, entry, dtype, device)
             if quantize and _is_quantizable(module_name, module):
                 _swap_in_nf4(model, module_name, tensors, compute_dtype)
+            elif quantize_embeddings and module_name in ("model.embed_tokens", "lm_head") and tensors:
+                _swap_in_nf4_rows(model, module_name, tensors.pop("weight"), compute_dtype)
             else:
                 for pname, value in tensors.items():
                     setattr(module, pname, nn.Parameter(value))
@@ -280,6 +313,20 @@ def _swap_in_nf4(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
     setattr(model.get_submodule(parent_name), child, qlinear)
 
 
+def _swap_in_nf4_rows(model: nn.Module, name: str, weight: torch.Tensor, compute_dtype: torch.dtype) -> None:
+    """The embedding [V, C] as an NF4Embedding, or an untied head as a QuantizedHead over its own rows."""
+    from quant.embedding import NF4Embedding, QuantizedHead
+
+    try:
+        table = NF4Embedding.from_weight(weight, compute_dtype=compute_dtype)
+    except ValueError as err:
+        raise CheckpointError(f"{name}: cannot hold it in 4 bits: {err}") from None
+    if name == "lm_head":
+        model.lm_head = QuantizedHead(table)
+    else:
+        model.model.embed_tokens = table
+
+
 def materialize_buffers(model: nn.Module, device: torch.device) -> None:
     """Recompute non-persistent buffers (rotary frequencies) that the meta device left empty."""
     from models.decoder import rope_inv_freq
@@ -290,10 +337,14 @@ def materialize_buffers(model: nn.Module, device: torch.device) -> None:
 
 def export_state_dict(model: Decoder, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of `model` (4-bit layers dequantized, tied lm_head dropped)."""
+    from quant.embedding import NF4Embedding
     from quant.linear import NF4Linear
 
     out: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules():  # a tied 4-bit head's table is met once, as the embedding
+        if isinstance(module, NF4Embedding):
+            out[f"{name.removesuffix('.table')}.weight"] = module.dequantize(dtype or torch.float32)
+            continue
         if isinstance(module, NF4Linear):
             out[f"{name}.weight"] = module.dequantize(dtype or torch.float32)
             if module.bias is not None:

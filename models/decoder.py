@@ -235,8 +235,21 @@ class Decoder(nn.Module):
         self.gradient_checkpointing = False  # recompute each block's activations in backward
         self.virtual_tokens: nn.Module | None = None  # prompt or prefix tuning (models/virtual_tokens.py)
 
+    @property
+    def embedding_dtype(self) -> torch.dtype:
+        """dtype of the embedding's output: the hidden states' dtype outside autocast."""
+        emb = self.model.embed_tokens
+        return emb.compute_dtype if hasattr(emb, "compute_dtype") else emb.weight.dtype  # 4-bit: no .weight
+
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        """Point lm_head at the embedding's weight (at the 4-bit table itself when it is quantized)."""
+        if not self.config.tie_word_embeddings:
+            return
+        from quant.embedding import NF4Embedding, QuantizedHead
+
+        if isinstance(self.model.embed_tokens, NF4Embedding):
+            self.lm_head = QuantizedHead(self.model.embed_tokens)
+        else:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(

@@ -78,7 +78,7 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     cache = None
     if use_cache:
-        dtype = model.model.embed_tokens.weight.dtype
+        dtype = model.embedding_dtype
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
         capacity = cache_slots(model) + ids.shape[1] + cfg.max_new_tokens
@@ -129,7 +129,8 @@ def load_for_inference(model_name: str, adapter: str | None, dtype: str | None, 
     quantize = record.get("base_quantization")
     if quantize:  # re-quantizing from another dtype would give other 4-bit codes than those trained on
         dtype = record.get("base_dtype") or dtype
-    model = load_pretrained(model_name, dtype=dtype, device=device, quantize=quantize, compute_dtype=compute)
+    model = load_pretrained(model_name, dtype=dtype, device=device, quantize=quantize, compute_dtype=compute,
+                            quantize_embeddings=bool(quantize and record.get("quantized_embeddings")))
     load_adapter(model, adapter)
     return model.eval()
 

@@ -35,7 +35,9 @@ available; tests/test_nf4.py has a GPU check that both backends give the CPU bit
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import threading
 from functools import lru_cache
 
 import torch
@@ -46,6 +48,8 @@ from quant.nf4 import (
     NESTED_BLOCKSIZE,
     SUPPORTED_DTYPES,
     NF4Tensor,
+    dequantize_4bit_blocks,
+    dequantize_absmax,
     dequantize_nf4,
     dynamic_code,
     nf4_code,
@@ -54,7 +58,7 @@ from quant.nf4 import (
 
 DEFAULT_BACKEND: dict[str, str] = {"cpu": "bnb", "cuda": "bnb"}
 BACKENDS = ("auto", "torch", "bnb")
-# Float32 statistics that Module.to(dtype) / .half() must not round (see NF4Linear._apply).
+# Float32 statistics that Module.to(dtype) / .half() must not round (see NF4Weights._apply).
 _FLOAT_STATE = ("nested_absmax", "absmax_offset")
 
 
@@ -127,6 +131,72 @@ def dequantize(state: NF4Tensor, dtype: torch.dtype | None = None, backend: str 
     return dequantize_nf4(state, dtype)
 
 
+# ---------------------------------------------------------------------- scratch dequantization (CPU)
+#
+# On CPU every dequantized weight is a fresh allocation of up to tens of MiB, made twice per layer per
+# step and freed at once. Interleaved with the activations autograd keeps, these blocks fragment
+# glibc's heap: at the Qwen2.5-0.5B shape the resident set grew ~250 MiB above the live tensors
+# (benchmarks/RESULTS.md). So the matmuls dequantize into one buffer per thread and dtype that the next
+# call overwrites. CUDA's caching allocator already reuses such blocks; there the plain path is kept.
+
+_BNB_CPU_KERNELS = {
+    torch.bfloat16: "cdequantize_blockwise_cpu_nf4_bf16",
+    torch.float32: "cdequantize_blockwise_cpu_nf4_fp32",
+    torch.float16: "cdequantize_blockwise_cpu_nf4_fp16",
+}
+
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, Tensor] = {}
+
+
+_SCRATCH = _Scratch()
+
+
+@lru_cache(maxsize=None)
+def _bnb_cpu_kernel(dtype: torch.dtype):
+    """bitsandbytes' native CPU NF4 dequantizer writing into a given buffer, or None where it is missing."""
+    if not _bnb_available():
+        return None
+    try:
+        from bitsandbytes.cextension import lib
+
+        return getattr(lib, _BNB_CPU_KERNELS[dtype])
+    except Exception:  # a build without the CPU kernels, or a mock library object
+        return None
+
+
+def scratch(numel: int, dtype: torch.dtype) -> Tensor:
+    """A flat CPU buffer of `numel` elements owned by this thread; the next call may hand out the same memory."""
+    buf = _SCRATCH.buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        _SCRATCH.buffers.pop(dtype, None)  # free the small one before allocating the large one
+        buf = _SCRATCH.buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def dequantize_scratch(state: NF4Tensor, dtype: torch.dtype, backend: str = "auto") -> Tensor:
+    """dequantize(state, dtype, backend)'s bits in a reused buffer: valid only until the next call.
+
+    For the matmuls of _NF4Matmul, which use the weight at once and keep no reference. Off CPU, or for
+    a dtype the kernels lack, it is dequantize().
+    """
+    if state.device.type != "cpu" or dtype not in _BNB_CPU_KERNELS:
+        return dequantize(state, dtype, backend)
+    out = scratch(state.numel, dtype)
+    absmax = dequantize_absmax(state)
+    kernel = _bnb_cpu_kernel(dtype) if resolve_backend(backend, state) == "bnb" else None
+    if kernel is None:
+        dequantize_4bit_blocks(state.packed, absmax, state.numel, dtype, out=out)
+    else:
+        rows, cols = state.shape.numel() // state.shape[-1], state.shape[-1]
+        kernel(ctypes.c_void_p(state.packed.data_ptr()), ctypes.c_void_p(absmax.data_ptr()),
+               ctypes.c_void_p(out.data_ptr()), ctypes.c_longlong(state.blocksize), ctypes.c_longlong(rows),
+               ctypes.c_longlong(cols))
+    return out.view(state.shape)
+
+
 class _NF4Matmul(torch.autograd.Function):
     """y = x @ W.T (+ b) in `dtype`, W dequantized from (packed, absmax_q, nested_absmax, offset).
 
@@ -138,7 +208,7 @@ class _NF4Matmul(torch.autograd.Function):
     def forward(ctx, x, packed, absmax_q, nested_absmax, offset, bias, shape, dtype, out_dtype, backend):
         state = NF4Tensor(packed, absmax_q, nested_absmax, offset, shape, dtype)
         with torch.autocast(x.device.type, enabled=False):
-            out = x.to(dtype) @ dequantize(state, dtype, backend).t()
+            out = x.to(dtype) @ dequantize_scratch(state, dtype, backend).t()
             if bias is not None:
                 out = out + bias.to(dtype)
         ctx.save_for_backward(packed, absmax_q, nested_absmax, offset)
@@ -152,11 +222,81 @@ class _NF4Matmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             state = NF4Tensor(*ctx.saved_tensors, shape, dtype)
             with torch.autocast(grad_out.device.type, enabled=False):
-                grad_x = (grad_out.to(dtype) @ dequantize(state, dtype, backend)).to(x_dtype)
+                grad_x = (grad_out.to(dtype) @ dequantize_scratch(state, dtype, backend)).to(x_dtype)
         return grad_x, None, None, None, None, None, None, None, None, None
 
 
-class NF4Linear(nn.Module):
+class NF4Weights(nn.Module):
+    """A frozen weight held in NF4: the four buffers and what only needs them. Base of NF4Linear and
+    quant.embedding.NF4Embedding.
+
+    Buffers (format: quant.nf4), for n = weight_shape.numel() in row-major order: `weight_packed` uint8
+    [ceil(n/2)], `absmax_q` uint8 [ceil(n/64)], `nested_absmax` float32 [ceil(n/16384)], `absmax_offset`
+    float32 []. compute_dtype: the default dtype of the dequantized weight. backend: see dequantize().
+    Subclasses define `weight_shape`.
+    """
+
+    def __init__(self, numel: int, compute_dtype: torch.dtype, device: torch.device | str | None) -> None:
+        """Empty (uninitialised) buffers for `numel` weights, e.g. to load a state_dict into."""
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.backend = "auto"
+        blocks = -(-numel // BLOCKSIZE)
+        self.register_buffer("weight_packed", torch.empty(-(-numel // 2), dtype=torch.uint8, device=device))
+        self.register_buffer("absmax_q", torch.empty(blocks, dtype=torch.uint8, device=device))
+        nested = -(-blocks // NESTED_BLOCKSIZE)
+        self.register_buffer("nested_absmax", torch.empty(nested, dtype=torch.float32, device=device))
+        self.register_buffer("absmax_offset", torch.empty((), dtype=torch.float32, device=device))
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        raise NotImplementedError
+
+    @staticmethod
+    def default_compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+        """The weight's dtype if float32 or bfloat16, else bfloat16 (float16 overflows too easily)."""
+        return weight_dtype if weight_dtype in (torch.float32, torch.bfloat16) else torch.bfloat16
+
+    def _take_quantized(self, state: NF4Tensor) -> None:
+        """Make `state`'s tensors our buffers (no copy): from_weight builds on the meta device, then this."""
+        self.weight_packed, self.absmax_q = state.packed, state.absmax_q
+        self.nested_absmax, self.absmax_offset = state.nested_absmax, state.offset
+
+    def quant_state(self, dtype: torch.dtype | None = None) -> NF4Tensor:
+        """Our buffers as an NF4Tensor (no copy); `dtype` is what it dequantizes to by default."""
+        return NF4Tensor(
+            self.weight_packed,
+            self.absmax_q,
+            self.nested_absmax,
+            self.absmax_offset,
+            self.weight_shape,
+            dtype or self.compute_dtype,
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The whole weight [*weight_shape] in `dtype` (default: compute_dtype)."""
+        return dequantize(self.quant_state(dtype), dtype, self.backend)
+
+    def weight_bytes(self) -> int:
+        """Resident bytes of the quantized weight (a bias and the shared code tables not included).
+
+        = ceil(n/2) + ceil(n/64) + 4*ceil(n/16384) + 4 for n weights (quant.nf4.nf4_nbytes).
+        """
+        return self.quant_state().nbytes
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype), .half(), .bfloat16() cast every floating buffer; the float32 double-quant
+        # statistics must keep their bits, so they travel as int32 (moved, never cast).
+        for name in _FLOAT_STATE:
+            self._buffers[name] = self._buffers[name].view(torch.int32)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name in _FLOAT_STATE:
+                self._buffers[name] = self._buffers[name].view(torch.float32)
+
+
+class NF4Linear(NF4Weights):
     """y = x W^T + b with W [out, in] frozen in NF4; see the module docstring for storage and backends.
 
     compute_dtype: dtype of the dequantized weight and of the matmul (bfloat16 or float32 usually).
@@ -174,18 +314,9 @@ class NF4Linear(nn.Module):
         bias_dtype: torch.dtype = torch.float32,
     ) -> None:
         """An NF4Linear with empty (uninitialised) buffers of the right sizes, e.g. to load a state_dict."""
-        super().__init__()
+        super().__init__(in_features * out_features, compute_dtype, device)
         self.in_features = in_features
         self.out_features = out_features
-        self.compute_dtype = compute_dtype
-        self.backend = "auto"
-        n = in_features * out_features
-        blocks = -(-n // BLOCKSIZE)
-        self.register_buffer("weight_packed", torch.empty(-(-n // 2), dtype=torch.uint8, device=device))
-        self.register_buffer("absmax_q", torch.empty(blocks, dtype=torch.uint8, device=device))
-        nested = -(-blocks // NESTED_BLOCKSIZE)
-        self.register_buffer("nested_absmax", torch.empty(nested, dtype=torch.float32, device=device))
-        self.register_buffer("absmax_offset", torch.empty((), dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
 
     # ------------------------------------------------------------------ construction
@@ -201,14 +332,12 @@ class NF4Linear(nn.Module):
         """
         if weight.dim() != 2:
             raise ValueError(f"NF4Linear.from_weight: weight must be [out, in], got shape {list(weight.shape)}")
-        if compute_dtype is None:
-            compute_dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16) else torch.bfloat16
         out_features, in_features = weight.shape
+        compute_dtype = compute_dtype or cls.default_compute_dtype(weight.dtype)
         state = quantize_nf4(weight)
         # Built on the meta device (no allocation), then handed the quantized tensors.
         layer = cls(in_features, out_features, bias is not None, compute_dtype, device="meta")
-        layer.weight_packed, layer.absmax_q = state.packed, state.absmax_q
-        layer.nested_absmax, layer.absmax_offset = state.nested_absmax, state.offset
+        layer._take_quantized(state)
         layer.bias = None if bias is None else bias.detach().clone()
         return layer
 
@@ -219,27 +348,10 @@ class NF4Linear(nn.Module):
 
     # ------------------------------------------------------------------ the weight
 
-    def quant_state(self, dtype: torch.dtype | None = None) -> NF4Tensor:
-        """Our buffers as an NF4Tensor (no copy); `dtype` is what it dequantizes to by default."""
-        return NF4Tensor(
-            self.weight_packed,
-            self.absmax_q,
-            self.nested_absmax,
-            self.absmax_offset,
-            torch.Size((self.out_features, self.in_features)),
-            dtype or self.compute_dtype,
-        )
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The weight [out, in] the layer computes with, in `dtype` (default: compute_dtype)."""
-        return dequantize(self.quant_state(dtype), dtype, self.backend)
-
-    def weight_bytes(self) -> int:
-        """Resident bytes of the quantized weight (bias and the shared code tables not included).
-
-        = ceil(n/2) + ceil(n/64) + 4*ceil(n/16384) + 4 for n = in*out (quant.nf4.nf4_nbytes).
-        """
-        return self.quant_state().nbytes
+    @property
+    def weight_shape(self) -> torch.Size:
+        """[out, in]."""
+        return torch.Size((self.out_features, self.in_features))
 
     def num_params(self) -> int:
         """Logical parameter count, in*out (+ out for the bias): 4-bit weights count as parameters."""
@@ -266,17 +378,6 @@ class NF4Linear(nn.Module):
             out_dtype,
             self.backend,
         )
-
-    def _apply(self, fn, recurse=True):
-        # Module.to(dtype), .half(), .bfloat16() cast every floating buffer; the float32 double-quant
-        # statistics must keep their bits, so they travel as int32 (moved, never cast).
-        for name in _FLOAT_STATE:
-            self._buffers[name] = self._buffers[name].view(torch.int32)
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            for name in _FLOAT_STATE:
-                self._buffers[name] = self._buffers[name].view(torch.float32)
 
     def extra_repr(self) -> str:
         return (

@@ -213,15 +213,18 @@ def quantize_4bit_blocks(w: Tensor) -> tuple[Tensor, Tensor]:
     return packed, absmax
 
 
-def dequantize_4bit_blocks(packed: Tensor, absmax: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
-    """packed uint8 [ceil(n/2)], absmax float32 [ceil(n/64)] -> flat [n] in `dtype`.
+def dequantize_4bit_blocks(
+    packed: Tensor, absmax: Tensor, numel: int, dtype: torch.dtype, out: Tensor | None = None
+) -> Tensor:
+    """packed uint8 [ceil(n/2)], absmax float32 [ceil(n/64)] -> flat [n] in `dtype` (into `out` if given).
 
     Value times scale in float32, then a single round-to-nearest-even to `dtype`, as bitsandbytes does
     (torch.mul into a lower-precision `out` computes in float32 and rounds once). On CPU the work is
     done in chunks that stay in cache: about 2x faster than one pass over the layer (measured).
     """
     table = _nf4_pair_table(packed.device)
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
     full = numel - numel % BLOCKSIZE
     chunk = _DEQUANT_CHUNK if packed.device.type == "cpu" else max(full, BLOCKSIZE)
     for start in range(0, full, chunk):

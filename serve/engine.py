@@ -273,7 +273,7 @@ class Engine:
         s.max_adapters = max(s.max_adapters, len({j.adapter for j in jobs}))
 
     def _cache_dtype(self) -> torch.dtype:
-        dtype = self.model.model.embed_tokens.weight.dtype
+        dtype = self.model.embedding_dtype
         if torch.is_autocast_enabled(self.device.type):
             dtype = torch.get_autocast_dtype(self.device.type)
         return dtype

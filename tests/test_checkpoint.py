@@ -82,6 +82,21 @@ def test_truncated_safetensors(hf_checkpoint):
         models.load_pretrained(path)
 
 
+def test_dtype_change_while_reading_goes_piece_by_piece_with_the_same_bits(hf_checkpoint, monkeypatch):
+    """float32 stored, bfloat16 wanted: converted through a small staging buffer, bit-identical to .to()."""
+    import models.checkpoint as ckpt
+
+    path, hf = hf_checkpoint("llama")
+    monkeypatch.setattr(ckpt, "READ_CHUNK_BYTES", 1000)  # not a multiple of any row: pieces end mid-row
+    ours = models.load_pretrained(path, dtype=torch.bfloat16)
+    for name, p in hf.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], p.to(torch.bfloat16)), name
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+        models.load_pretrained(path, dtype=torch.bfloat16)
+
+
 def test_corrupt_safetensors_header(hf_checkpoint):
     path, _ = hf_checkpoint("llama")
     f = path / "model.safetensors"

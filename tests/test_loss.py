@@ -79,3 +79,61 @@ def test_loss_under_bf16_autocast_matches_autocast_reference():
     # d/dhead sums over rows, which ours accumulates per chunk in float32, autocast in one bf16 matmul
     torch.testing.assert_close(got[0], hidden.grad, rtol=1e-6, atol=1e-6)
     assert (got[1] - weight.grad).abs().max() <= 1e-2 * weight.grad.abs().max()
+
+
+class DenseRows:
+    """A frozen head that hands out rows, as quant.embedding.QuantizedHead does for its 4-bit weight."""
+
+    def __init__(self, weight: torch.Tensor, vocab_chunk: int):
+        self.weight, self.out_features, self.VOCAB_CHUNK = weight, weight.shape[0], vocab_chunk
+        self.calls = []
+
+    def rows(self, start, stop, dtype=None, scratch=False):
+        self.calls.append((start, stop))
+        return self.weight[start:stop].to(dtype or self.weight.dtype)
+
+
+@pytest.mark.parametrize("vocab_chunk", [7, 40, 64])  # slices with a short last one, one slice, one larger than V
+@pytest.mark.parametrize("all_targets", [True, False])
+def test_loss_over_head_rows_equals_cross_entropy(vocab_chunk, all_targets):
+    """Online logsumexp over vocabulary slices + a second pass for softmax - onehot: same loss and
+    d/dhidden as plain cross-entropy on the dense head, and the head is only ever read by slices."""
+    torch.manual_seed(3)
+    hidden = torch.randn(3, 9, 16, requires_grad=True)
+    weight = torch.randn(40, 16) * 3  # large logits, so the running max matters
+    labels = torch.randint(0, 40, (3, 9))
+    labels[:, 2] = 39  # the last row of the head is a target
+    if not all_targets:
+        labels[0, :4] = -100
+    head = DenseRows(weight, vocab_chunk)
+    total, n = causal_lm_loss_sum(hidden, head, labels, chunk=5)
+    (total * 2.0 / n).backward()
+    assert all(hi - lo <= vocab_chunk for lo, hi in head.calls) and max(hi for _, hi in head.calls) == 40
+    got = hidden.grad.clone()
+    hidden.grad = None
+    ref = F.cross_entropy((hidden @ weight.T)[:, :-1].reshape(-1, 40), labels[:, 1:].reshape(-1), reduction="sum")
+    (ref * 2.0 / n).backward()
+    assert n == int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(total, ref, rtol=1e-6)
+    torch.testing.assert_close(got, hidden.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: the first pass only
+        assert torch.allclose(causal_lm_loss_sum(hidden, head, labels, chunk=4)[0], ref, rtol=1e-6)
+
+
+def test_loss_over_head_rows_under_bf16_autocast():
+    torch.manual_seed(4)
+    hidden = torch.randn(2, 9, 32, requires_grad=True)
+    weight = torch.randn(50, 32).bfloat16()
+    labels = torch.randint(0, 50, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = causal_lm_loss_sum(hidden, DenseRows(weight, 16), labels, chunk=6)
+    total.backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = F.linear(hidden, weight).float()
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum")
+    ref.backward()
+    assert torch.allclose(total, ref, rtol=1e-5)
+    # d/dhidden sums 4 slices' bf16 products in float32 where autocast makes one bf16 matmul: a few bf16 ulps
+    assert (got - hidden.grad).abs().max() <= 1e-2 * hidden.grad.abs().max()

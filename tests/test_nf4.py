@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from quant import NF4Linear, dequantize_nf4, dynamic_code, nf4_code, nf4_nbytes, quantize_nf4
-from quant.linear import resolve_backend
+from quant.linear import _bnb_cpu_kernel, dequantize_scratch, resolve_backend
 from quant.nf4 import _dynamic_lut, dequantize_absmax, quantize_blockwise_8bit
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -296,6 +296,20 @@ def test_bitsandbytes_fast_path_is_identical_to_the_reference():
         results[backend] = (y.detach(), x.grad.clone(), *deq)
     for ours, theirs in zip(results["torch"], results["bnb"]):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "bnb"])
+def test_scratch_dequantization_has_the_reference_bits_and_reuses_one_buffer(backend):
+    """The matmuls' dequantization writes into one per-thread buffer: same bits, no new allocation."""
+    assert _bnb_cpu_kernel(torch.bfloat16) is not None  # bitsandbytes' native kernel is what "bnb" calls
+    states = [quantize_nf4(weight(shape, torch.float32, seed=i)) for i, shape in enumerate(SHAPES + [(96, 192)])]
+    for dtype in DTYPES:
+        for state in sorted(states, key=lambda s: -s.numel):  # largest first: later calls reuse its buffer
+            out = dequantize_scratch(state, dtype, backend)
+            assert out.shape == state.shape and out.dtype == dtype
+            assert torch.equal(out, dequantize_nf4(state, dtype)), (state.shape, dtype)
+        first = dequantize_scratch(states[0], dtype, backend).data_ptr()
+        assert dequantize_scratch(states[1], dtype, backend).data_ptr() == first
 
 
 def test_fast_path_is_not_used_where_bitsandbytes_cpu_kernel_is_wrong():

@@ -119,6 +119,9 @@ class LoraSettings:
     target_modules: list[str] = _f(list(LORA_TARGETS), "--target-modules", "comma-separated module names")
     use_rslora: bool = _f(False, "--use-rslora", "rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = _f(False, "--use-dora", "weight-decomposed LoRA (DoRA)")
+    quantize_embeddings: bool = _f(False, "--quantize-embeddings",
+                                   "qlora: hold the token embedding and output head in NF4 too (4x less memory "
+                                   "for them; the loss reads the head by vocabulary slices)")
 
 
 @dataclass
@@ -211,6 +214,9 @@ class TrainConfig:
             raise ConfigError("--val-data and --val-fraction are exclusive: give one", field="data.val_fraction")
         if self.run.resume is not None and self.run.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other", field="run.overwrite")
+        if self.lora.quantize_embeddings and self.run.method != "qlora":
+            raise ConfigError(f"--quantize-embeddings is for --method qlora (the base of --method {self.run.method} "
+                              "is not quantized)", field="lora.quantize_embeddings")
         if self.run.fsdp and self.run.method not in ("full", "lora"):
             raise ConfigError(f"--fsdp shards full and lora training; --method {self.run.method} trains few "
                               "enough parameters for DDP (run torchrun without --fsdp)", field="run.fsdp")

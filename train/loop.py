@@ -72,7 +72,9 @@ def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
         doc_ids=batch.get("doc_ids"),
         return_hidden=True,
     )
-    return causal_lm_loss_sum(hidden, model.lm_head.weight, batch["labels"])
+    head = model.lm_head
+    # a 4-bit head (quant.embedding.QuantizedHead) has no dense weight: the loss reads it by slices
+    return causal_lm_loss_sum(hidden, head if hasattr(head, "rows") else head.weight, batch["labels"])
 
 
 def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ and, when it will not fit, names settings that would, instead of letting the run
 
 The model, in bytes (p = parameters; a = compute-dtype bytes, 2 for bf16 autocast, 4 for float32):
 
-    weights      trainable p x 4 (float32 masters); frozen p x a; NF4 block linears p x 4.127/8
+    weights      trainable p x 4 (float32 masters); frozen p x a; NF4 block linears (and with
+                 --quantize-embeddings the embedding and head) p x 4.127/8
     grads        trainable p x 4
     optimizer    trainable p x 8 (AdamW: two float32 moments) or x 2 (8-bit AdamW)
     step scratch trainable p x 4 (foreach AdamW's temporaries while it steps; activations are gone then)
@@ -15,6 +16,7 @@ The model, in bytes (p = parameters; a = compute-dtype bytes, 2 for bf16 autocas
                  output, SwiGLU's four intermediate-width tensors; LoRA inputs and dropout masks), x layers; with --grad-checkpointing one block input per layer
                  plus one block's full set during its recomputation
     logits       one chunk (train.loss.chunk_rows(V) target rows) of float32 logits, its softmax gradient and a copy
+                 (V: the head's vocabulary slice when it is 4-bit)
     slack        +25% of activations and logits: allocator fragmentation (freed blocks that cannot be
                  reused for the next, differently sized tensors; measured on CPU with glibc)
     runtime      a fixed 96 MiB: kernels, allocator pools and library state that appear with the first
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from models.config import ModelConfig
+from quant.embedding import QuantizedHead
 from train.loss import chunk_rows
 
 NF4_BITS_PER_PARAM = 4.127  # 4-bit codes + double-quantized absmax (blocks of 64, second level of 256)
@@ -52,6 +55,7 @@ class Settings:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     virtual_tokens: int = 20
+    quantize_embeddings: bool = False  # qlora: embedding and head in NF4 as well
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,8 @@ def param_counts(cfg: ModelConfig, s: Settings) -> tuple[int, int, int]:
         return s.virtual_tokens * per_token, total, 0
     adapters = layers * sum(s.lora_rank * (a + b) for a, b in (shapes[n] for n in _targets(s, shapes)))
     if s.method == "qlora":
-        return adapters, total - layers * block_linear, layers * block_linear
+        nf4 = layers * block_linear + (outer - cfg.hidden_size if s.quantize_embeddings else 0)
+        return adapters, total - nf4, nf4
     return adapters, total, 0
 
 
@@ -143,8 +148,11 @@ def estimate_peak_bytes(cfg: ModelConfig, s: Settings) -> MemoryEstimate:
     layers = cfg.num_hidden_layers
     activations = layers * residual + per_layer if s.grad_checkpointing else layers * per_layer
     activations += 3 * residual  # embedding output, final norm, the hidden rows gathered for the loss
-    rows = min(chunk_rows(cfg.vocab_size), tokens)
-    logits = rows * cfg.vocab_size * (4 + 4 + s.compute_bytes)
+    vocab = cfg.vocab_size
+    if s.method == "qlora" and s.quantize_embeddings:  # the loss reads the 4-bit head by vocabulary slices
+        vocab = min(vocab, QuantizedHead.VOCAB_CHUNK)
+    rows = min(chunk_rows(vocab), tokens)
+    logits = rows * vocab * (4 + 4 + s.compute_bytes)
     optim_bytes = 2 if s.optim in EIGHT_BIT_OPTIMIZERS else 8
     matrices = sum(a * b for a, b in _linear_shapes(cfg).values()) * layers
     autocast = matrices * 2 if s.method == "full" and s.compute_bytes == 2 else 0
@@ -213,4 +221,5 @@ def settings_from(cfg, compute_dtype: torch.dtype | None) -> Settings:
         grad_checkpointing=cfg.run.grad_checkpointing, optim=cfg.optim.optim, lora_rank=cfg.lora.rank,
         lora_dropout=cfg.lora.dropout,
         lora_targets=tuple(cfg.lora.target_modules), virtual_tokens=cfg.prompt.num_virtual_tokens,
+        quantize_embeddings=cfg.lora.quantize_embeddings,
     )

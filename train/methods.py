@@ -48,7 +48,8 @@ def build_model(cfg: TrainConfig, model_path: str, device: torch.device, compute
         model.requires_grad_(True)
     elif method in ADAPTER_METHODS:
         quantize = "nf4" if method == "qlora" else None
-        model = load_pretrained(model_path, dtype=compute_dtype, device=device, quantize=quantize, compute_dtype=compute_dtype)
+        model = load_pretrained(model_path, dtype=compute_dtype, device=device, quantize=quantize,
+                                compute_dtype=compute_dtype, quantize_embeddings=cfg.lora.quantize_embeddings)
         model.requires_grad_(False)
         try:
             inject_lora(model, lora_config(cfg))
