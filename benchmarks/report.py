@@ -27,9 +27,15 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "vs_hf_quick_seq512": ("benchmarks.vs_hf", ["--quick", "--seq", "512"]),
     "vs_hf_smollm2": ("benchmarks.vs_hf", []),
     "vs_hf_smollm2_ckpt": ("benchmarks.vs_hf", ["--methods", "lora,qlora", "--grad-checkpointing"]),
-    "vs_hf_qwen05b": ("benchmarks.vs_hf", ["--shape", "qwen2.5-0.5b", "--methods", "lora,qlora", "--seq", "256",
-                                           "--batch", "1", "--steps", "3", "--warmup", "1"]),
-    "memory_qwen05b": ("benchmarks.memory_breakdown", ["--shape", "qwen2.5-0.5b", "--seq", "256", "--batch", "1"]),
+    "vs_hf_qwen05b": ("benchmarks.vs_hf", ["--shape", "qwen2.5-0.5b", "--methods", "lora,qlora,qlora+embed", "--seq",
+                                           "256", "--batch", "1", "--steps", "3", "--warmup", "1"]),
+    "memory_qwen05b": ("benchmarks.memory_breakdown", ["--shape", "qwen2.5-0.5b", "--methods", "lora,qlora,qlora+embed",
+                                                       "--seq", "256", "--batch", "1"]),
+    "memory_qwen05b_ckpt": ("benchmarks.memory_breakdown", ["--shape", "qwen2.5-0.5b", "--methods",
+                                                            "lora,qlora,qlora+embed", "--seq", "256", "--batch", "1",
+                                                            "--grad-checkpointing"]),
+    "memory_qwen15b": ("benchmarks.memory_breakdown", ["--shape", "qwen2.5-1.5b", "--methods", "lora,qlora,qlora+embed",
+                                                       "--seq", "256", "--batch", "1"]),
     "memory_smollm2": ("benchmarks.memory_breakdown", ["--shape", "smollm2-135m", "--seq", "512", "--batch", "2"]),
     "methods": ("benchmarks.methods", []),
     "scaling": ("benchmarks.scaling", ["--quick", "--png", "benchmarks/results/scaling.png"]),
@@ -128,15 +134,25 @@ def targets(docs: dict[str, dict]) -> str:
             text = ", ".join(f"{v:.2f}× ({n.removeprefix('vs_hf_')})" for n, v in found) or "not measured"
             met = "yes" if found and all(ok(v) for _, v in found) else ("partly" if any(ok(v) for _, v in found) else "no")
             lines.append(f"| {'QLoRA' if method == 'qlora' else 'LoRA'} {what} {goal} at seq ≥ 512, CPU | {text} | {met} |")
-    q = docs.get("vs_hf_qwen05b")
-    if q:
-        rows = by_impl(q)
-        if ("ours", "lora") in rows and ("ours", "qlora") in rows:
-            r = rows[("ours", "qlora")]["peak_mem_mib"] / rows[("ours", "lora")]["peak_mem_mib"]
-            lines.append(f"| QLoRA peak ≤ 0.45× our LoRA, ≥ 0.5B shape | {r:.2f} (Qwen2.5-0.5B shape, "
-                         f"{rows[('ours', 'qlora')]['peak_mem_mib']:,.0f} / {rows[('ours', 'lora')]['peak_mem_mib']:,.0f} MiB, "
-                         f"batch {q['batch']} x {q['seq']}) | {'yes' if r <= 0.45 else 'no'} |")
+    for name, doc in docs.items():
+        if name.startswith("memory_") and doc and doc["shape_name"] != "smollm2-135m":
+            lines += _quarter_rows(doc)
     return "\n".join(lines)
+
+
+def _quarter_rows(doc: dict) -> list[str]:
+    """The 0.45 target's rows of one memory_breakdown file: each QLoRA variant's peak over LoRA's."""
+    peaks = {r["method"]: r["peak_mib"] for r in doc["rows"] if "error" not in r}
+    setting = (f"{doc['shape_name']} shape, batch {doc['batch']} x {doc['seq']}, activation checkpointing "
+               f"{'on' if doc.get('grad_checkpointing') else 'off'}")
+    lines = []
+    for method, label in (("qlora", "QLoRA (bf16 embedding, as bitsandbytes + PEFT)"),
+                          ("qlora+embed", "QLoRA --quantize-embeddings")):
+        if method in peaks and "lora" in peaks:
+            r = peaks[method] / peaks["lora"]
+            lines.append(f"| {label} peak ≤ 0.45× our LoRA | {r:.2f} ({setting}: {peaks[method]:,.0f} / "
+                         f"{peaks['lora']:,.0f} MiB) | {'yes' if r <= 0.45 else 'no'} |")
+    return lines
 
 
 def methods_table(doc: dict) -> str:
@@ -160,6 +176,11 @@ def memory_table(doc: dict) -> str:
     from benchmarks.memory_breakdown import report
 
     return report(doc["rows"], argparse.Namespace(seq=doc["seq"], batch=doc["batch"]))
+
+
+def memory_heading(doc: dict) -> str:
+    ckpt = ", activation checkpointing on" if doc.get("grad_checkpointing") else ""
+    return f"## What holds the memory: {doc['shape_name']} shape, batch {doc['batch']} x {doc['seq']}{ckpt}"
 
 
 def _relative(command: str) -> str:
@@ -208,12 +229,11 @@ def render() -> str:
                  "times on this VM vary by 10-20 % between runs of the same code (compare the HF rows), so only the memory "
                  "columns and large speed changes are beyond noise."), "",
                 before_after(pairs), ""]
-    for name in ("memory_qwen05b", "memory_smollm2"):
-        if docs.get(name):
-            d = docs[name]
-            out += [f"## What holds the memory: {d['shape_name']} shape, batch {d['batch']} x {d['seq']}", "",
-                    f"`{_relative(d['command'])}`", "", memory_table(d), ""]
-    if docs.get("memory_qwen05b") or docs.get("memory_smollm2"):
+    memory = [name for name in RUNS if name.startswith("memory_") and docs.get(name)]
+    for name in memory:
+        d = docs[name]
+        out += [memory_heading(d), "", f"`{_relative(d['command'])}`", "", memory_table(d), ""]
+    if memory:
         out += [MEMORY_NOTES, ""]
     if docs.get("methods"):
         out += ["## Every method on one model (`python -m benchmarks.methods`)", "", methods_table(docs["methods"]), "",

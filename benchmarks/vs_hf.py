@@ -4,8 +4,8 @@
         [--seq N] [--batch N] [--grad-checkpointing] [--device cpu|cuda] [--json PATH] [--profile]
 
 One random model in a published shape (SmolLM2-135M's by default; --quick: a ~33M-parameter Llama;
---shape qwen2.5-0.5b: Qwen2.5-0.5B's, 494M parameters) is saved once; each (implementation, method)
-pair then trains it in a fresh process on the same synthetic token rows, with the same sequence
+--shape qwen2.5-0.5b / qwen2.5-1.5b: Qwen2.5's, 494M / 1.54B parameters) is saved once; each
+(implementation, method) pair then trains it in a fresh process on the same synthetic token rows, with the same sequence
 length, batch, steps, optimizer (AdamW, constant lr, no weight decay, clip 1.0), LoRA settings
 (r=16, alpha=32, dropout 0.05 on q,k,v,o), precision (bf16 autocast; HF: TrainingArguments(bf16=True,
 use_cpu=True on the CPU)) and activation-checkpointing setting (off unless --grad-checkpointing,
@@ -14,6 +14,7 @@ which turns it on for both).
 - ours: `train.methods.build_model` + `train.loop.train_step`, the functions `train.run` uses
   (no evaluation, checkpoints or logging files, so only the step itself is timed).
 - hf:   `AutoModelForCausalLM` (+ `peft.get_peft_model`; qlora: `BitsAndBytesConfig` nf4 4-bit) + `Trainer`.
+- method qlora+embed: ours only, QLoRA with --quantize-embeddings (HF + PEFT has no 4-bit embedding).
 
 tokens/s counts the steps after --warmup steps (on a GPU each step is synchronised before its clock
 stops). Peak memory on the CPU is VmHWM (peak resident set) minus the resident set measured after
@@ -140,14 +141,15 @@ def worker_ours(args: argparse.Namespace, base_rss: float) -> dict:
     from train.methods import build_model as build_ours
 
     cfg = TrainConfig()
-    cfg.run.method = args.method
+    cfg.run.method, _, embed = args.method.partition("+")  # qlora+embed: qlora --quantize-embeddings
+    cfg.lora.quantize_embeddings = embed == "embed"
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     cfg.lora.target_modules = list(LORA["targets"])
     cfg.run.grad_checkpointing = bool(args.grad_checkpointing)
     device = torch.device(args.device)
     model = build_ours(cfg, args.model, device, torch.bfloat16)
     loaded = peak_mib(args.device, base_rss)
-    opt = build_optimizer(model, LR[args.method], 0.0)
+    opt = build_optimizer(model, LR[cfg.run.method], 0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     rows = synthetic_rows(args.vocab, args.batch * (args.warmup + args.steps), args.seq)
     times, losses = [], []
@@ -346,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: smollm2-135m; quick with --quick)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on both sides")
-    p.add_argument("--methods", default="lora,qlora,full")
+    p.add_argument("--methods", default="lora,qlora,full",
+                   help="comma-separated: lora, qlora, full, and qlora+embed (ours only: --quantize-embeddings)")
     p.add_argument("--seq", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--steps", type=int, help="timed steps after warm-up")
@@ -378,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
              "fp32": matmul_tflops(torch.float32, device=args.device)}
     if args.profile:
         return profile_ours(args, shape)
-    pairs = [(impl, m) for m in args.methods.split(",") for impl in ("ours", "hf")]
+    # qlora+embed (QLoRA with a 4-bit embedding and head) has no counterpart in HF + PEFT: ours only
+    pairs = [(impl, m) for m in args.methods.split(",") for impl in ("ours", "hf") if impl == "ours" or "+" not in m]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         model = build_model(root / "model", shape)

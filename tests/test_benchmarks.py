@@ -32,10 +32,19 @@ def test_targets_need_every_long_sequence_cpu_run_and_ignore_short_or_checkpoint
     assert memory.endswith("| yes |") and "0.60×" in memory
 
 
-def test_qlora_over_lora_target_uses_our_two_rows():
-    q = doc(256, [("ours", "lora", 1.0, 1000.0), ("ours", "qlora", 1.0, 440.0)], batch=1)
-    line = report.targets({"vs_hf_qwen05b": q}).splitlines()[-1]
-    assert "0.44" in line and line.endswith("| yes |")
+def test_qlora_over_lora_target_reads_each_memory_file_of_a_large_shape():
+    def memory(shape_name, peaks, **extra):
+        rows = [{"method": m, "peak_mib": p} for m, p in peaks.items()]
+        return {"shape_name": shape_name, "batch": 1, "seq": 256, "rows": rows + [{"method": "x", "error": ["boom"]}], **extra}
+
+    docs = {"memory_qwen05b": memory("qwen2.5-0.5b", {"lora": 1000.0, "qlora": 600.0, "qlora+embed": 440.0}),
+            "memory_qwen15b_ckpt": memory("qwen2.5-1.5b", {"lora": 3000.0, "qlora": 1500.0}, grad_checkpointing=True),
+            "memory_smollm2": memory("smollm2-135m", {"lora": 1000.0, "qlora": 100.0})}
+    lines = [ln for ln in report.targets(docs).splitlines() if "0.45" in ln]
+    assert len(lines) == 3  # the 135M shape is not a >= 0.5B one
+    assert "0.60 (qwen2.5-0.5b" in lines[0] and "checkpointing off" in lines[0] and lines[0].endswith("| no |")
+    assert "--quantize-embeddings" in lines[1] and "0.44" in lines[1] and lines[1].endswith("| yes |")
+    assert "0.50 (qwen2.5-1.5b" in lines[2] and "checkpointing on" in lines[2]
 
 
 def test_tokens_per_s_leaves_out_the_warmup_and_weights_steps_by_time():
@@ -47,6 +56,7 @@ def test_tokens_per_s_leaves_out_the_warmup_and_weights_steps_by_time():
 def test_parameter_count_of_the_published_shapes():
     assert abs(param_counts(SHAPES["smollm2-135m"])[0] - 134.5e6) < 0.1e6  # SmolLM2-135M: 134.5M
     assert abs(param_counts(SHAPES["qwen2.5-0.5b"])[0] - 494.0e6) < 0.1e6  # Qwen2.5-0.5B: 494.0M
+    assert abs(param_counts(SHAPES["qwen2.5-1.5b"])[0] - 1543.7e6) < 0.1e6  # Qwen2.5-1.5B: 1,543.7M
 
 
 def test_recorded_commands_are_shown_relative_to_the_checkout():
