@@ -24,8 +24,8 @@ OUT = ROOT / "benchmarks" / "RESULTS.md"
 # name -> (module, arguments); each writes benchmarks/results/<name>.json (scaling also a PNG)
 RUNS: dict[str, tuple[str, list[str]]] = {
     "vs_hf_quick": ("benchmarks.vs_hf", ["--quick"]),
-    "vs_hf_quick_seq512": ("benchmarks.vs_hf", ["--quick", "--seq", "512"]),
-    "vs_hf_smollm2": ("benchmarks.vs_hf", []),
+    "vs_hf_quick_seq512": ("benchmarks.vs_hf", ["--quick", "--seq", "512", "--repeat", "3"]),
+    "vs_hf_smollm2": ("benchmarks.vs_hf", ["--repeat", "3"]),
     "vs_hf_smollm2_ckpt": ("benchmarks.vs_hf", ["--methods", "lora,qlora", "--grad-checkpointing"]),
     "vs_hf_qwen05b": ("benchmarks.vs_hf", ["--shape", "qwen2.5-0.5b", "--methods", "lora,qlora,qlora+embed", "--seq",
                                            "256", "--batch", "1", "--steps", "3", "--warmup", "1"]),
@@ -78,9 +78,10 @@ def ratios(doc: dict) -> dict[str, tuple[float, float]]:
 
 def describe(doc: dict) -> str:
     s = doc["shape"]
+    runs = f", {doc['repeat']} runs per row (the one with the median tokens/s)" if doc.get("repeat", 1) > 1 else ""
     return (f"{doc.get('shape_name', '?')} shape ({doc.get('params', 0) / 1e6:.1f}M parameters, {s['num_hidden_layers']} layers, "
             f"hidden {s['hidden_size']}, {s['num_attention_heads']}/{s['num_key_value_heads']} heads, vocab {s['vocab_size']}), "
-            f"batch {doc['batch']} x {doc['seq']}, {doc['warmup']} warm-up + {doc['steps']} timed steps, "
+            f"batch {doc['batch']} x {doc['seq']}, {doc['warmup']} warm-up + {doc['steps']} timed steps{runs}, "
             f"activation checkpointing {'on (both sides)' if doc.get('grad_checkpointing') else 'off'}, {doc.get('device', 'cpu')}")
 
 
@@ -91,7 +92,7 @@ def vs_hf_table(doc: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['method']} | failed: {' '.join(r['error'])[:100]} | | | | | |")
             continue
-        lines.append(f"| {r['impl']} | {r['method']} | {r['tokens_per_s']:,.1f} | {min(r['step_s']):.2f}-{max(r['step_s']):.2f} | "
+        lines.append(f"| {r['impl']} | {r['method']} | {r['tokens_per_s']:,.1f}{_spread(r)} | {min(r['step_s']):.2f}-{max(r['step_s']):.2f} | "
                      f"{r['peak_mem_mib']:,.0f} | {r['load_peak_mib']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['final_loss']:.4f} |")
     lines += ["", "| method | tokens/s ours/hf | peak memory ours/hf | utilisation ours / hf (% of bf16 matmul) |", "|---|---:|---:|---:|"]
     rows = by_impl(doc)
@@ -101,6 +102,12 @@ def vs_hf_table(doc: dict) -> str:
     rates = doc["matmul_tflops"]
     lines += ["", f"Matmul ceiling measured in the same run: bf16 {rates['bf16']:.2f} TFLOP/s, fp32 {rates['fp32']:.2f} TFLOP/s."]
     return "\n".join(lines)
+
+
+def _spread(row: dict) -> str:
+    """" (min-max of n runs)" for a row picked from repeated runs, else nothing."""
+    runs = row.get("runs_tokens_per_s", [])
+    return f" ({min(runs):,.0f}-{max(runs):,.0f}, {len(runs)} runs)" if len(runs) > 1 else ""
 
 
 def _util(doc: dict, row: dict) -> float:

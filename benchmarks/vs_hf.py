@@ -17,7 +17,8 @@ which turns it on for both).
 - method qlora+embed: ours only, QLoRA with --quantize-embeddings (HF + PEFT has no 4-bit embedding).
 
 tokens/s counts the steps after --warmup steps (on a GPU each step is synchronised before its clock
-stops). Peak memory on the CPU is VmHWM (peak resident set) minus the resident set measured after
+stops). Step times on a shared 2-core VM drift by 10-20 % between runs; --repeat N runs every pair N
+times, ours and hf alternating, and keeps the run with the median tokens/s. Peak memory on the CPU is VmHWM (peak resident set) minus the resident set measured after
 that process's imports and before the model is built, so the two sides' different import
 footprints (transformers + peft are large) cancel out; the absolute VmHWM is in the JSON as
 peak_rss_mib. On a GPU it is torch.cuda.max_memory_allocated of the worker process. The
@@ -273,6 +274,15 @@ def spawn(impl: str, method: str, model: Path, out: Path, opts: argparse.Namespa
     return {"impl": impl, "method": method, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Of repeated runs of one (impl, method): the one with the median tokens/s (the lower middle for an
+    even count), with every successful run's tokens/s under "runs_tokens_per_s"; a failure if all failed."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["tokens_per_s"])
+    if not ok:
+        return runs[-1]
+    return {**ok[(len(ok) - 1) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs if "error" not in r]}
+
+
 def flops_per_token(method: str, shape: dict) -> float:
     """Training FLOPs per token: 6N for full; frozen weights need no weight gradient, so 4N + 6N_adapter."""
     total, adapter = param_counts(shape)
@@ -354,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int)
     p.add_argument("--steps", type=int, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 2)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every (impl, method) pair this many times, ours and hf alternating; each row is the run "
+                        "with the median tokens/s (every run's tokens/s is kept in the JSON)")
     p.add_argument("--json", help="write machine, versions and rows here")
     p.add_argument("--keep", help="build the model in this directory instead of a temporary one")
     p.add_argument("--profile", action="store_true",
@@ -386,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         model = build_model(root / "model", shape)
-        rows = [spawn(impl, m, model, root / f"{impl}-{m}", args, shape["vocab_size"])
-                for impl, m in tqdm(pairs, desc="runs", unit="run")]
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for impl, m in tqdm(pairs * args.repeat, desc="runs", unit="run"):
+            runs.setdefault((impl, m), []).append(spawn(impl, m, model, root / f"{impl}-{m}", args, shape["vocab_size"]))
+        rows = [median_run(r) for r in runs.values()]
     total, adapter = param_counts(shape)
     print(f"\nRandom {shape.get('model_type', 'llama')}, {total / 1e6:.1f}M parameters ({shape['num_hidden_layers']} layers, hidden "
           f"{shape['hidden_size']}, LoRA adapters {adapter / 1e6:.2f}M, vocab {shape['vocab_size']}), batch {args.batch} x {args.seq} tokens, "
@@ -399,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"machine": machine(), "versions": versions(), "command": command,
                "shape_name": args.shape or ("quick" if args.quick else "smollm2-135m"), "shape": shape,
                "params": total, "adapter_params": adapter, "seq": args.seq, "batch": args.batch, "steps": args.steps,
-               "warmup": args.warmup, "device": args.device, "grad_checkpointing": bool(args.grad_checkpointing),
+               "warmup": args.warmup, "repeat": args.repeat, "device": args.device, "grad_checkpointing": bool(args.grad_checkpointing),
                "matmul_tflops": rates, "rows": rows}
         Path(args.json).write_text(json.dumps(doc, indent=2))
     return 0

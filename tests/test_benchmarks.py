@@ -62,3 +62,19 @@ def test_parameter_count_of_the_published_shapes():
 def test_recorded_commands_are_shown_relative_to_the_checkout():
     assert report._relative(f"python -m x --json {report.ROOT}/benchmarks/results/a.json") == \
         "python -m x --json benchmarks/results/a.json"
+
+
+def test_repeated_runs_keep_the_median_one_and_every_rate():
+    from benchmarks.vs_hf import median_run
+
+    runs = [{"tokens_per_s": 300.0, "peak_mem_mib": 1.0}, {"error": ["killed"]},
+            {"tokens_per_s": 100.0, "peak_mem_mib": 2.0}, {"tokens_per_s": 200.0, "peak_mem_mib": 3.0}]
+    row = median_run(runs)
+    assert row["tokens_per_s"] == 200.0 and row["peak_mem_mib"] == 3.0  # the whole median run, not a mix
+    assert row["runs_tokens_per_s"] == [300.0, 100.0, 200.0]
+    assert median_run(runs[:1] + runs[2:3])["tokens_per_s"] == 100.0  # even count: the lower middle
+    assert median_run([{"error": ["a"]}, {"error": ["b"]}]) == {"error": ["b"]}
+    table_doc = doc(512, [], matmul_tflops={"bf16": 1.0, "fp32": 0.25})
+    assert "(100-300, 3 runs)" in report.vs_hf_table(table_doc | {"rows": [{"impl": "ours", "method": "lora", "step_s": [1.0],
+                                                                               "load_peak_mib": 1.0, "peak_rss_mib": 1.0,
+                                                                               "final_loss": 1.0, **row}]})
