@@ -18,9 +18,9 @@ mkdir -p "$OUT"
 # 1. ours vs HF Trainer + PEFT (+ bitsandbytes), SmolLM2-135M shape, 4 x 1024 tokens (~2 min: 6 fresh processes)
 "$PY" -m benchmarks.vs_hf --device cuda --shape smollm2-135m --seq 1024 --batch 4 --steps 6 --warmup 2 \
     --methods lora,qlora,full --json "$OUT/gpu_vs_hf_smollm2.json"
-# 2. the same at the Qwen2.5-0.5B shape, LoRA and QLoRA (~1.5 min)
+# 2. the same at the Qwen2.5-0.5B shape, LoRA and QLoRA, and ours with --quantize-embeddings (~2 min)
 "$PY" -m benchmarks.vs_hf --device cuda --shape qwen2.5-0.5b --seq 1024 --batch 4 --steps 6 --warmup 2 \
-    --methods lora,qlora --json "$OUT/gpu_vs_hf_qwen05b.json"
+    --methods lora,qlora,qlora+embed --json "$OUT/gpu_vs_hf_qwen05b.json"
 # 3. step time and memory against length (with and without activation checkpointing) and size (~1 min)
 "$PY" -m benchmarks.scaling --quick --device cuda --json "$OUT/gpu_scaling.json" --png "$OUT/gpu_scaling.png"
 echo "wrote $OUT/gpu_vs_hf_smollm2.json $OUT/gpu_vs_hf_qwen05b.json $OUT/gpu_scaling.json $OUT/gpu_scaling.png"

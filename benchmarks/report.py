@@ -288,21 +288,38 @@ sides; full fine-tuning keeps fp32 weights on both sides.
 NOISE = """Timings on this 2-core VM vary by ±10 % from run to run (see the step-time ranges), more when anything else
 runs; every command here was run with nothing else running. Ratios within one file come from one invocation."""
 
-TARGET_NOTES = """Where the speed target is met and where not: at the SmolLM2-135M shape (49,152-token vocabulary, 30 layers)
-ours runs 1.3-1.4x HF's tokens/s, mostly because the loss computes the head's gradient chunk by chunk during the
-forward pass (no float32 logits for the whole batch, no second head matmul in backward) while HF materialises and
-differentiates [batch, seq, vocab] float32 logits. At the quick 33M shape (8,192-token vocabulary) that saving is
-small, and both trainers spend the step in the same library kernels: oneDNN bf16 matmuls, PyTorch's CPU
-flash-attention forward and backward (about a third of the quick 2 x 512 step) and the LoRA dropout masks
-(`bernoulli_`, single-threaded, 13 % of that step). The masks must stay the ones nn.Dropout draws (the
-PEFT-equivalence test gives both the same seed), so no cheaper random source was used. At the Qwen2.5-0.5B shape with
-only 256 tokens per step, QLoRA's two dequantizations of every 4-bit weight per step (as bitsandbytes does) weigh
-most.
+TARGET_NOTES = """Speed: missed. At the SmolLM2-135M shape (49,152-token vocabulary, 30 layers) ours runs 1.13x HF's tokens/s
+for LoRA and for QLoRA (each row the median of 3 runs, ours and HF alternating), with 0.56x / 0.53x its memory. The
+1.31x / 1.42x recorded earlier were single runs in which HF happened to measure 355 / 344 tokens/s; in the 3 runs
+here it measured 436-472 / 400-461, while ours stayed within 500-507 / 448-490. What we gain is the loss: it computes
+the head's gradient chunk by chunk during the forward pass (no float32 logits for the whole batch, no second head
+matmul in backward) while HF materialises and differentiates [batch, seq, vocab] float32 logits. The rest of the step
+is the same work in the same library kernels on both sides. Profile of our LoRA step (torch.profiler, one step):
 
-Why the 0.45 memory target is missed: see "What holds the memory". The tied 151,936 x 896 embedding stays bf16
-(260 MiB) in both methods, and the parts every method shares (activations, one loss chunk, adapter state, runtime)
-do not shrink with the base weights. With the embedding in bf16, even zero shared memory would give
-(NF4 block linears + bf16 embedding) / (bf16 everything) = 436 / 942 MiB = 0.46."""
+| shape, tokens | step | matmuls | SDPA flash attention, fwd + bwd | dropout masks (`bernoulli_`) | everything else |
+|---|---:|---:|---:|---:|---:|
+| SmolLM2-135M, 2 x 512 | 2,052 ms | 690 ms (34 %) | 640 ms (31 %) | 261 ms (13 %) | 22 % |
+| quick 33M, 2 x 512 | 518 ms | 159 ms (31 %) | 184 ms (36 %) | 76 ms (15 %) | 18 % |
+
+The matmuls run at about 0.8-0.85 TFLOP/s, close to the 0.9-1.0 TFLOP/s a 2048³ bf16 matmul reaches on this machine, and
+HF calls the same attention kernel and draws the same masks. 1.3x HF's rate means a step of at most 1.77 s (SmolLM2)
+or 0.43 s (quick); matmuls, attention and masks alone take 1.59 s and 0.42 s, so "everything else" (elementwise
+norms, rotary, SwiGLU, casts, the loss's softmax, the optimizer) would have to shrink by 60-95 %. Tried or measured,
+not adopted: a hand-written attention
+(bf16 matmuls and a softmax) was slower than SDPA's (24.9 vs 18.6 ms per layer, forward + backward, 2 x 8 heads x 512 x
+64); masks from NumPy's PCG64 (uint16 draws against a threshold) take 0.45 ms instead of `bernoulli_`'s 2.18 ms for
+a 2 x 512 x 576 input, which would make the SmolLM2 step about 10 % faster (about 1.25x), but the masks would no
+longer be the ones nn.Dropout draws from the same seed, which the PEFT-equivalence tests (and anyone comparing a
+seeded run with PEFT) rely on.
+
+Memory, QLoRA over LoRA. bitsandbytes + PEFT, and `--method qlora` by default, keep the embedding and output head in
+bf16. At Qwen2.5's shapes that table (151,936 rows) is a large share of what QLoRA leaves: 260 MiB at 0.5B, more than
+its 24 blocks' 4-bit linears (176 MiB). Held in bf16, it alone keeps QLoRA/LoRA above 0.45 at 0.5B: (4-bit block
+linears + bf16 embedding) / (bf16 model) = 436 / 942 MiB = 0.46 with nothing else in memory. `--quantize-embeddings`
+(quant/embedding.py) holds it in NF4 (67 MiB) and the loss reads the 4-bit head 8,192 vocabulary rows at a time; with it
+QLoRA reaches 0.45 at the 1.5B shape and 0.40 at 0.5B with activation checkpointing. Without checkpointing at 0.5B and
+1 x 256 tokens the parts every method shares (196 MiB of saved activations, the optimizer state, 250-330 MiB of heap
+slack and library workspaces) keep it at 0.53."""
 
 METHODS_NOTES = """tokens/s counts target tokens; the demo rows are short (about 50 target tokens per step), so per-step costs
 that do not depend on the batch dominate: QLoRA dequantizes every 4-bit weight twice per step, which is why it is
@@ -310,8 +327,10 @@ the slowest here while it is close to LoRA at 512+ tokens per step above. Peak m
 
 MEMORY_NOTES = """"weights" and "adapter grads + AdamW state" are measured tensor bytes; "saved activations" are the storages
 autograd holds after one forward (measured with saved_tensors_hooks); the loss transient is counted from the shapes
-(train.loss keeps one chunk of target rows of float32 logits, reused in place for their gradient, and its bf16 copy). The
-rest is the glibc heap's slack, oneDNN and OpenMP workspaces and short-lived temporaries."""
+(train.loss keeps one chunk of target rows of float32 logits, reused in place for their gradient, and its bf16 copy;
+for qlora+embed the chunk spans one 8,192-row vocabulary slice). The measured peak covers loading and two training
+steps. The rest is the glibc heap's slack, oneDNN and OpenMP workspaces and short-lived temporaries: after a step at the
+0.5B shape `malloc_trim` hands back about 250 MiB that glibc keeps for the next step."""
 
 FINDINGS = """## Profiling findings and what was changed
 
@@ -353,7 +372,24 @@ profiling runs (quick shape, 2 x 512 unless stated), not from the JSON files.
    cross-entropy (tests/test_loss.py). Effect at the SmolLM2-135M shape, ours alone, before → after the loss changes:
    LoRA 390 → 465 tokens/s and 1,670 → 1,380 MiB; QLoRA 364 → 488 tokens/s and 1,573 → 1,285 MiB (the table above).
 
-Measured effect on our LoRA at 2 x 512 on the quick shape (ours worker alone, one run after the other): peak
+8. **4-bit matmuls dequantize into a reused buffer** (`quant/linear.py`, CPU). Logging the resident set after every
+   op of a QLoRA step at the 0.5B shape (a TorchDispatchMode) showed it climbing through forward and never coming
+   down in backward: each 4-bit linear's dense weight (up to 8.3 MiB) was a fresh allocation, made twice per layer per
+   step and freed at once, and between the activations autograd keeps these blocks fragmented glibc's heap. Now each
+   thread has one buffer per dtype that bitsandbytes' native CPU kernel writes into (same bits: tests/test_nf4.py).
+   Probe step peak 1,213-1,300 → about 1,020 MiB; QLoRA's breakdown peak 1,332 → 1,095 MiB.
+9. **The loss freed each chunk too late**: Python kept the previous chunk's float32 logits and bf16 gradient alive
+   while the next chunk's were made, so two chunks coexisted (192 instead of 96 MiB at a 152k vocabulary).
+10. **`--quantize-embeddings`** (`quant/embedding.py`, `train/loss.py`): the embedding and (tied or not) head in NF4.
+   Lookups dequantize only the rows asked for; the head's logits and the loss go 8,192 vocabulary rows at a time (the
+   loss with a running logsumexp, then a second pass for softmax − onehot), so the dense table never exists. Equal to
+   the dense model holding the NF4 round trip of the table (logits 1e-5, adapter gradients 1e-4 relative:
+   tests/test_quantized_embeddings.py). Cost at 0.5B, 1 x 256: one more head matmul per step: 209 → 198 tokens/s (vs_hf_qwen05b).
+11. **Loading in another dtype** (`models/checkpoint.read_tensor`): a float32 checkpoint read into bf16 held both whole
+   copies of each tensor (544 + 272 MiB for the 0.5B embedding); it now converts through a 16 MiB staging buffer.
+   QLoRA's load peak at 0.5B: 855 → 581 MiB (vs_hf_qwen05b).
+
+Measured effect of 2-4 on our LoRA at 2 x 512 on the quick shape (ours worker alone, one run after the other): peak
 805 → 612 MiB after changes 2-3, 608 MiB after 4; live tensor peak 322 MiB against HF's 442 MiB. The JSON-based
 before/after table above shows the effect on both shapes.
 
@@ -362,16 +398,16 @@ before/after table above shows the effect on both shapes.
 * **glibc mmap threshold after loading** (`models/checkpoint.freed_memory_returned` sets 32 MiB): at the quick shape,
   after changes 2-3, an 8 MiB threshold during training measured 612 → 528 MiB peak at about the same speed, and
   1 MiB 479 MiB at 29 % fewer tokens/s (page faults); at the 135M shape 8 MiB made no difference (its large tensors
-  are above 32 MiB anyway), so it was left as it is.
-* **Activation checkpointing** stays off by default (`train/config.py`); the `_ckpt` table above compares both
+  are above 32 MiB anyway), so it was left as it is. With the reused dequantization buffer a 1 or 4 MiB threshold
+  no longer lowered QLoRA's peak at 0.5B (1,021-1,031 MiB in the probe).
+* **Activation checkpointing** stays off by default (`train/config.py`); the `_ckpt` tables above compare both
   trainers with it on (same settings), and the scaling plot shows its cost and saving.
-* **Quantizing the tied embedding / head for QLoRA** would be needed for the 0.45 target at 0.5B; the loss takes
-  the head as one dense weight (`train.loop.forward_loss_sum` → `train.loss`), so it needs a loss that dequantizes
-  the head per vocabulary chunk.
-* **QLoRA's extra "rest"** at 0.5B (571 vs 347 MiB for LoRA in the breakdown) is probably heap fragmentation by
-  the per-layer dequantized weights (short-lived bf16 blocks of up to 8.3 MiB, made twice per layer per step);
-  not verified. Dequantizing into one reused buffer would avoid it, but bitsandbytes 0.50's CPU backend has no
-  `out=` kernel for dequantize_4bit (tried: NotImplementedError), and a copy into the buffer would cost a pass.
+* **`--quantize-embeddings` stays off by default**: bitsandbytes + PEFT keep the table in bf16, so by default an
+  adapter is trained against the base a PEFT user would load; with the flag the adapter records it
+  (`lora_training.json`), and generation and `lora.merge` rebuild the same 4-bit table.
+* **SwiGLU's saved gate and up** are most of the saved activations (two intermediate-width bf16 tensors per token per
+  layer, 63 % at 0.5B); recomputing them from the block input would cost two more 4-bit matmuls per layer, which is
+  activation checkpointing for the MLP alone, so it was not done.
 """
 
 
