@@ -12,14 +12,12 @@ are computed for those blocks only, by the same float32 operations as quant.nf4.
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 from torch import Tensor
 
-from quant.linear import NF4Weights, _bnb_cpu_kernel, resolve_backend
+from quant.linear import NF4Weights, decode_blocks, resolve_backend
 from quant.linear import scratch as scratch_buffer
-from quant.nf4 import BLOCKSIZE, NF4Tensor, dequantize_4bit_blocks, dynamic_code, quantize_nf4
+from quant.nf4 import BLOCKSIZE, NF4Tensor, dynamic_code, quantize_nf4
 
 # ---------------------------------------------------------------------- rows of an NF4 matrix
 
@@ -32,25 +30,6 @@ def block_scales(state: NF4Tensor, codes: Tensor, blocks: Tensor) -> Tensor:
     """
     nested = state.nested_absmax.index_select(0, blocks // state.nested_blocksize)
     return dynamic_code(state.device)[codes.to(torch.int64)] * nested + state.offset
-
-
-def _decode(
-    packed: Tensor, scales: Tensor, rows: int, cols: int, dtype: torch.dtype, out: Tensor | None, bnb: bool
-) -> Tensor:
-    """Whole rows: packed uint8 [rows*cols/2], scales float32 [rows*cols/64] -> [rows, cols] in `dtype`.
-
-    `out`: a flat buffer of rows*cols elements to write into (else a new tensor). bnb: use bitsandbytes'
-    native CPU kernel where it exists (exact here: cols % 64 == 0, see quant.linear).
-    """
-    if out is None:
-        out = torch.empty(rows * cols, dtype=dtype, device=packed.device)
-    kernel = _bnb_cpu_kernel(dtype) if bnb and packed.device.type == "cpu" and rows > 0 else None
-    if kernel is None:
-        dequantize_4bit_blocks(packed, scales, rows * cols, dtype, out=out)
-    else:
-        kernel(ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(scales.data_ptr()), ctypes.c_void_p(out.data_ptr()),
-               ctypes.c_longlong(BLOCKSIZE), ctypes.c_longlong(rows), ctypes.c_longlong(cols))
-    return out.view(rows, cols)
 
 
 def dequantize_rows(state: NF4Tensor, start: int, stop: int, backend: str = "auto", scratch: bool = False) -> Tensor:
@@ -69,7 +48,7 @@ def dequantize_rows(state: NF4Tensor, start: int, stop: int, backend: str = "aut
     out = scratch_buffer(n, state.dtype) if scratch and state.device.type == "cpu" else None
     bnb = resolve_backend(backend, state) == "bnb"
     packed = state.packed[start * cols // 2 : stop * cols // 2]
-    return _decode(packed, scales, stop - start, cols, state.dtype, out, bnb)
+    return decode_blocks(packed, scales, stop - start, cols, state.dtype, out, bnb)
 
 
 def gather_rows(state: NF4Tensor, ids: Tensor, backend: str = "auto") -> Tensor:
@@ -85,7 +64,7 @@ def gather_rows(state: NF4Tensor, ids: Tensor, backend: str = "auto") -> Tensor:
     blocks = ids.to(torch.int64)[:, None] * per_row + torch.arange(per_row, device=ids.device)
     scales = block_scales(state, codes.view(-1), blocks.view(-1))
     bnb = resolve_backend(backend, state) == "bnb"
-    return _decode(packed.view(-1), scales, ids.numel(), cols, state.dtype, None, bnb)
+    return decode_blocks(packed.view(-1), scales, ids.numel(), cols, state.dtype, None, bnb)
 
 
 def vocab_slices(vocab: int, chunk: int) -> list[tuple[int, int]]:

@@ -155,7 +155,7 @@ _SCRATCH = _Scratch()
 
 
 @lru_cache(maxsize=None)
-def _bnb_cpu_kernel(dtype: torch.dtype):
+def bnb_cpu_kernel(dtype: torch.dtype):
     """bitsandbytes' native CPU NF4 dequantizer writing into a given buffer, or None where it is missing."""
     if not _bnb_available():
         return None
@@ -184,17 +184,30 @@ def dequantize_scratch(state: NF4Tensor, dtype: torch.dtype, backend: str = "aut
     """
     if state.device.type != "cpu" or dtype not in _BNB_CPU_KERNELS:
         return dequantize(state, dtype, backend)
-    out = scratch(state.numel, dtype)
-    absmax = dequantize_absmax(state)
-    kernel = _bnb_cpu_kernel(dtype) if resolve_backend(backend, state) == "bnb" else None
-    if kernel is None:
-        dequantize_4bit_blocks(state.packed, absmax, state.numel, dtype, out=out)
-    else:
-        rows, cols = state.shape.numel() // state.shape[-1], state.shape[-1]
-        kernel(ctypes.c_void_p(state.packed.data_ptr()), ctypes.c_void_p(absmax.data_ptr()),
-               ctypes.c_void_p(out.data_ptr()), ctypes.c_longlong(state.blocksize), ctypes.c_longlong(rows),
-               ctypes.c_longlong(cols))
+    cols = state.shape[-1] if len(state.shape) else 1
+    bnb = resolve_backend(backend, state) == "bnb"
+    out = decode_blocks(state.packed, dequantize_absmax(state), state.numel // cols, cols, dtype,
+                        scratch(state.numel, dtype), bnb)
     return out.view(state.shape)
+
+
+def decode_blocks(
+    packed: Tensor, scales: Tensor, rows: int, cols: int, dtype: torch.dtype, out: Tensor | None, bnb: bool
+) -> Tensor:
+    """packed uint8 [ceil(rows*cols/2)], scales float32 [ceil(rows*cols/64)] -> [rows, cols] in `dtype`.
+
+    `out`: a flat buffer of rows*cols elements to write into (else a new tensor). bnb: use bitsandbytes'
+    native CPU kernel where it exists; only exact when cols % 64 == 0 (resolve_backend decides).
+    """
+    if out is None:
+        out = torch.empty(rows * cols, dtype=dtype, device=packed.device)
+    kernel = bnb_cpu_kernel(dtype) if bnb and packed.device.type == "cpu" and rows > 0 else None
+    if kernel is None:
+        dequantize_4bit_blocks(packed, scales, rows * cols, dtype, out=out)
+    else:
+        kernel(ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(scales.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+               ctypes.c_longlong(BLOCKSIZE), ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+    return out.view(rows, cols)
 
 
 class _NF4Matmul(torch.autograd.Function):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from quant import NF4Linear, dequantize_nf4, dynamic_code, nf4_code, nf4_nbytes, quantize_nf4
-from quant.linear import _bnb_cpu_kernel, dequantize_scratch, resolve_backend
+from quant.linear import bnb_cpu_kernel, dequantize_scratch, resolve_backend
 from quant.nf4 import _dynamic_lut, dequantize_absmax, quantize_blockwise_8bit
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -301,7 +301,7 @@ def test_bitsandbytes_fast_path_is_identical_to_the_reference():
 @pytest.mark.parametrize("backend", ["torch", "bnb"])
 def test_scratch_dequantization_has_the_reference_bits_and_reuses_one_buffer(backend):
     """The matmuls' dequantization writes into one per-thread buffer: same bits, no new allocation."""
-    assert _bnb_cpu_kernel(torch.bfloat16) is not None  # bitsandbytes' native kernel is what "bnb" calls
+    assert bnb_cpu_kernel(torch.bfloat16) is not None  # bitsandbytes' native kernel is what "bnb" calls
     states = [quantize_nf4(weight(shape, torch.float32, seed=i)) for i, shape in enumerate(SHAPES + [(96, 192)])]
     for dtype in DTYPES:
         for state in sorted(states, key=lambda s: -s.numel):  # largest first: later calls reuse its buffer

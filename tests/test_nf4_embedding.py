@@ -161,9 +161,9 @@ def test_only_the_needed_rows_are_dequantized(monkeypatch):
     table, _ = make_table((1000, 192))
     head = QuantizedHead(table)
     monkeypatch.setattr(QuantizedHead, "VOCAB_CHUNK", 128)
-    decoded: list[int] = []  # rows of each call of _decode, through which every dequantization goes
-    decode = quant.embedding._decode
-    monkeypatch.setattr(quant.embedding, "_decode", lambda *a: decoded.append(a[2]) or decode(*a))
+    decoded: list[int] = []  # rows of each call of decode_blocks, through which every dequantization goes
+    decode = quant.embedding.decode_blocks
+    monkeypatch.setattr(quant.embedding, "decode_blocks", lambda *a: decoded.append(a[2]) or decode(*a))
 
     def whole_table(*args, **kwargs):
         raise AssertionError("the whole table was dequantized")
