@@ -18,7 +18,7 @@ from tests.conftest import left_padded_batch, make_task_data
 from tests.test_lora import randomize_adapter
 from train import run as run_mod
 from train.loop import accumulate_gradients
-from train.memory import Settings, estimate_peak_bytes
+from train.memory import Settings, alternatives, estimate_peak_bytes
 
 F32 = dict(dtype=torch.float32, quantize="nf4", compute_dtype=torch.float32)
 
@@ -115,3 +115,7 @@ def test_memory_estimate_counts_the_embedding_in_4_bits():
     quantized = estimate_peak_bytes(cfg, Settings("qlora", 1, 256, compute_bytes=2, quantize_embeddings=True))
     embed = 151936 * 896
     assert plain.weights - quantized.weights == pytest.approx(embed * (2 - 4.127 / 8), rel=1e-3)
+    # a QLoRA run that does not fit is told about the flag when it would make the run fit
+    budget = (plain.peak + quantized.peak) // 2
+    fixes = alternatives(cfg, Settings("qlora", 1, 256, compute_bytes=2), 1, budget)
+    assert [f.split(" (")[0] for f in fixes] == ["--grad-checkpointing", "--quantize-embeddings"]

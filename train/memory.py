@@ -192,8 +192,11 @@ def alternatives(cfg: ModelConfig, s: Settings, grad_accum: int, budget: int) ->
         batch //= 2
     if not s.grad_checkpointing:
         options.append(("--grad-checkpointing", replace(s, grad_checkpointing=True)))
-        options.append((f"--grad-checkpointing --batch-size 1 --grad-accum {grad_accum * s.batch_size}",
-                        replace(s, grad_checkpointing=True, batch_size=1)))
+        if s.batch_size > 1:
+            options.append((f"--grad-checkpointing --batch-size 1 --grad-accum {grad_accum * s.batch_size}",
+                            replace(s, grad_checkpointing=True, batch_size=1)))
+    if s.method == "qlora" and not s.quantize_embeddings:
+        options.append(("--quantize-embeddings", replace(s, quantize_embeddings=True)))
     if s.method in ("full", "lora"):
         options.append(("--method qlora", replace(s, method="qlora")))
         options.append(("--method qlora --grad-checkpointing", replace(s, method="qlora", grad_checkpointing=True)))
