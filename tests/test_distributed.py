@@ -30,6 +30,8 @@ def _args(model: Path, data: tuple[Path, Path], out: Path, method: str, batch: i
     # AdamW's update is scale-free, so an element whose gradient is nearly zero turns float rounding (the
     # sum over ranks runs in another order) into an lr-sized step; a small lr keeps that far below 1e-6
     lr = "1e-3"
+    method, _, embed = method.partition("+")  # qlora+embed: qlora with the embedding and head in 4 bits too
+    extra = (*extra, "--quantize-embeddings") if embed else extra
     return ["--method", method, "--model", str(model), "--data", str(data[0]), "--val-data", str(data[1]),
             "--output-dir", str(out), "--seq-len", "32", "--batch-size", str(batch), "--grad-accum", "2",
             "--max-steps", str(STEPS), "--eval-every", "2", "--save-every", "2", "--keep-last", "10",
@@ -89,7 +91,8 @@ def single(run_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,sharding", [("lora", "ddp"), ("full", "ddp"), ("lora", "fsdp"), ("full", "fsdp"),
-                                             ("qlora", "ddp"), ("prefix", "ddp"), ("prompt", "ddp")])
+                                             ("qlora", "ddp"), ("qlora+embed", "ddp"), ("prefix", "ddp"),
+                                             ("prompt", "ddp")])
 def test_two_processes_train_what_one_process_trains(run_model, single, tmp_path, method, sharding):
     """2 ranks x 4 rows == 1 process x 8 rows: per-step losses, val losses, final tensors and the saved
     product agree, including a step whose single row leaves rank 1 with only a placeholder."""
@@ -113,6 +116,8 @@ def test_two_processes_train_what_one_process_trains(run_model, single, tmp_path
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["sharding"] == sharding
+    if method == "qlora+embed":
+        assert json.loads((out / "adapter" / "lora_training.json").read_text())["quantized_embeddings"] is True
 
 
 def test_fsdp_full_with_tied_embeddings_trains_what_one_process_trains(tmp_path):
