@@ -14,7 +14,7 @@ from lora.inject import LoraConfig
 from models.checkpoint import export_state_dict
 from quant import dequantize_nf4, quantize_nf4
 from quant.embedding import NF4Embedding, QuantizedHead
-from tests.conftest import left_padded_batch, make_task_data
+from tests.conftest import left_padded_batch, make_run_model, make_task_data
 from tests.test_lora import randomize_adapter
 from train import run as run_mod
 from train.loop import accumulate_gradients
@@ -105,6 +105,18 @@ def test_quantize_embeddings_needs_qlora(run_model, tmp_path, capsys):
     assert run_mod.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--quantize-embeddings" in err[0] and "qlora" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_width_that_is_not_whole_nf4_blocks_is_one_line_and_exit_2(tmp_path, capsys):
+    model = make_run_model(tmp_path / "m", hidden_size=96, head_dim=24)  # rows of 96 = 1.5 blocks of 64
+    data = make_task_data(tmp_path / "task.jsonl", 20)
+    capsys.readouterr()  # drop transformers' progress bar from saving the model
+    argv = ["--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "o"), "--method", "qlora",
+            "--quantize-embeddings", "--seq-len", "32", "--max-steps", "1", "--dtype", "float32"]
+    assert run_mod.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.embed_tokens" in err[0] and "multiple of 64" in err[0]
     assert not (tmp_path / "o").exists()
 
 
