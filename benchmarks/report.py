@@ -1,6 +1,6 @@
 """benchmarks/RESULTS.md from the JSON files the benchmarks write, optionally running them first.
 
-    OMP_NUM_THREADS=2 python -m benchmarks.report --run     # run every CPU benchmark (~15 min on 2 cores), then write
+    OMP_NUM_THREADS=2 python -m benchmarks.report --run     # run every CPU benchmark (~25 min on 2 cores), then write
     python -m benchmarks.report                             # rewrite RESULTS.md from benchmarks/results/*.json
     OMP_NUM_THREADS=2 python -m benchmarks.report --run --only vs_hf_quick,methods   # re-run some, then write
 
@@ -211,7 +211,7 @@ def render() -> str:
     if first is None:
         raise SystemExit(f"no results in {RESULTS}: run `python -m benchmarks.report --run` first")
     out = [HEADER, "## Machine and versions", "", machine_line(first), "", NOISE, "", "## Commands", "",
-           "Regenerate everything on the CPU (about 15 minutes on 2 cores) and rewrite this file:", "",
+           "Regenerate everything on the CPU (about 25 minutes on 2 cores) and rewrite this file:", "",
            "    OMP_NUM_THREADS=2 python -m benchmarks.report --run", "", "which runs, each writing benchmarks/results/NAME.json:", ""]
     for name, doc in docs.items():
         if doc and not name.startswith("gpu"):
@@ -413,7 +413,7 @@ before/after table above shows the effect on both shapes.
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
-    p.add_argument("--run", action="store_true", help="run the CPU benchmarks first (about 15 minutes on 2 cores)")
+    p.add_argument("--run", action="store_true", help="run the CPU benchmarks first (about 25 minutes on 2 cores)")
     p.add_argument("--only", help=f"with --run: a comma-separated subset of {', '.join(RUNS)}")
     args = p.parse_args(argv)
     if args.run:
