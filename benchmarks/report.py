@@ -358,8 +358,8 @@ profiling runs (quick shape, 2 x 512 unless stated), not from the JSON files.
    intermediate-width tensor less per block, gradients bit-identical to the two-op version.
 5. **Rotary tables cached per (length, dtype, device)** (`models/decoder.py`): computed once, [1,1,T,D] instead of
    [B,1,T,D] every step; equal to recomputation.
-6. **QLoRA speed**: the 4-bit path itself was unchanged; it got faster with the LoRA changes (no float32 casts of
-   the inputs). Caching dequantized weights between forward and backward was rejected: it would hold a bf16 copy of
+6. **QLoRA speed**: the 4-bit path itself was unchanged by 2-5 (8 below changed where it dequantizes into); it got
+   faster with the LoRA changes (no float32 casts of the inputs). Caching dequantized weights between forward and backward was rejected: it would hold a bf16 copy of
    every block weight, which is what QLoRA exists to avoid.
 
 7. **The loss** (`train/loss.py`, commits ecc8aaa and 8ba74d3). It kept up to 2,048 target rows of float32 logits per
@@ -399,14 +399,15 @@ before/after table above shows the effect on both shapes.
   after changes 2-3, an 8 MiB threshold during training measured 612 → 528 MiB peak at about the same speed, and
   1 MiB 479 MiB at 29 % fewer tokens/s (page faults); at the 135M shape 8 MiB made no difference (its large tensors
   are above 32 MiB anyway), so it was left as it is. With the reused dequantization buffer a 1 or 4 MiB threshold
-  no longer lowered QLoRA's peak at 0.5B (1,021-1,031 MiB in the probe).
+  no longer lowered QLoRA's peak at 0.5B (1,021-1,031 MiB in the probe), and 4 or 8 MiB moved our LoRA's peak at the
+  quick shape, 2 x 512, only from 481-490 to 467-479 MiB.
 * **Activation checkpointing** stays off by default (`train/config.py`); the `_ckpt` tables above compare both
   trainers with it on (same settings), and the scaling plot shows its cost and saving.
 * **`--quantize-embeddings` stays off by default**: bitsandbytes + PEFT keep the table in bf16, so by default an
   adapter is trained against the base a PEFT user would load; with the flag the adapter records it
   (`lora_training.json`), and generation and `lora.merge` rebuild the same 4-bit table.
 * **SwiGLU's saved gate and up** are most of the saved activations (two intermediate-width bf16 tensors per token per
-  layer, 63 % at 0.5B); recomputing them from the block input would cost two more 4-bit matmuls per layer, which is
+  layer: about 60 % at the 0.5B shape, counted from the shapes); recomputing them from the block input would cost two more 4-bit matmuls per layer, which is
   activation checkpointing for the MLP alone, so it was not done.
 """
 
