@@ -75,17 +75,11 @@ def weight_parts(model: torch.nn.Module) -> dict[str, float]:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from train.config import TrainConfig
     from train.loop import autocast_context, build_optimizer, forward_loss_sum, train_step
     from train.methods import build_model
 
     base = vs_hf.rss_mib()
-    cfg = TrainConfig()
-    cfg.run.method, _, embed = args.method.partition("+")
-    cfg.lora.quantize_embeddings = embed == "embed"
-    cfg.run.grad_checkpointing = bool(args.grad_checkpointing)
-    cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = vs_hf.LORA["r"], vs_hf.LORA["alpha"], vs_hf.LORA["dropout"]
-    cfg.lora.target_modules = list(vs_hf.LORA["targets"])
+    cfg = vs_hf.ours_config(args.method, bool(args.grad_checkpointing))
     device = torch.device("cpu")
     model = build_model(cfg, args.model, device, torch.bfloat16)
     out = {"method": args.method, "load_peak_mib": vs_hf.rss_mib("VmHWM") - base, "weights_mib": weight_parts(model)}

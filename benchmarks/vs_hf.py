@@ -136,17 +136,24 @@ def peak_mib(device: str, base_rss: float) -> float:
 
 
 # -------------------------------------------------------------------------------------- workers
-def worker_ours(args: argparse.Namespace, base_rss: float) -> dict:
+def ours_config(method: str, grad_checkpointing: bool):
+    """The TrainConfig of our side: `method` (qlora+embed: qlora --quantize-embeddings) with the LORA settings."""
     from train.config import TrainConfig
-    from train.loop import build_optimizer, train_step
-    from train.methods import build_model as build_ours
 
     cfg = TrainConfig()
-    cfg.run.method, _, embed = args.method.partition("+")  # qlora+embed: qlora --quantize-embeddings
+    cfg.run.method, _, embed = method.partition("+")
     cfg.lora.quantize_embeddings = embed == "embed"
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     cfg.lora.target_modules = list(LORA["targets"])
-    cfg.run.grad_checkpointing = bool(args.grad_checkpointing)
+    cfg.run.grad_checkpointing = grad_checkpointing
+    return cfg
+
+
+def worker_ours(args: argparse.Namespace, base_rss: float) -> dict:
+    from train.loop import build_optimizer, train_step
+    from train.methods import build_model as build_ours
+
+    cfg = ours_config(args.method, bool(args.grad_checkpointing))
     device = torch.device(args.device)
     model = build_ours(cfg, args.model, device, torch.bfloat16)
     loaded = peak_mib(args.device, base_rss)

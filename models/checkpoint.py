@@ -337,17 +337,13 @@ def materialize_buffers(model: nn.Module, device: torch.device) -> None:
 
 def export_state_dict(model: Decoder, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of `model` (4-bit layers dequantized, tied lm_head dropped)."""
-    from quant.embedding import NF4Embedding
-    from quant.linear import NF4Linear
+    from quant.linear import NF4Weights
 
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():  # a tied 4-bit head's table is met once, as the embedding
-        if isinstance(module, NF4Embedding):
+        if isinstance(module, NF4Weights):  # 4-bit linears, embedding and untied head (QuantizedHead.table)
             out[f"{name.removesuffix('.table')}.weight"] = module.dequantize(dtype or torch.float32)
-            continue
-        if isinstance(module, NF4Linear):
-            out[f"{name}.weight"] = module.dequantize(dtype or torch.float32)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 out[f"{name}.bias"] = module.bias.detach()
             continue
         for pname, p in module.named_parameters(recurse=False):

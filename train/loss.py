@@ -76,16 +76,7 @@ class _RowsCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, targets: torch.Tensor, head, rows: int) -> torch.Tensor:
-        dtype = compute_dtype(h, h.dtype)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        with torch.autocast(h.device.type, enabled=False):
-            for start in range(0, h.shape[0], rows):
-                hs, ys = h[start : start + rows].to(dtype), targets[start : start + rows]
-                lse, picked = _online_logsumexp(hs, ys, head, dtype)
-                total += (lse - picked).sum()
-                if grad_h is not None:
-                    grad_h[start : start + rows] = _softmax_grad_times_head(hs, ys, lse, head, dtype)
+        total, grad_h = _rows_loss_sum(h, targets, head, rows, want_grad=ctx.needs_input_grad[0])
         ctx.save_for_backward(grad_h)
         return total
 
@@ -93,6 +84,21 @@ class _RowsCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: torch.Tensor):
         (grad_h,) = ctx.saved_tensors
         return (grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None), None, None, None
+
+
+def _rows_loss_sum(h, targets, head, rows: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed loss, its gradient w.r.t. h [N, C] or None) over chunks of `rows` target rows."""
+    dtype = compute_dtype(h, h.dtype)  # autocast's, as F.linear would run (autocast is off in here)
+    grad_h = torch.empty_like(h) if want_grad else None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        for start in range(0, h.shape[0], rows):
+            hs, ys = h[start : start + rows].to(dtype), targets[start : start + rows]
+            lse, picked = _online_logsumexp(hs, ys, head, dtype)
+            total += (lse - picked).sum()
+            if grad_h is not None:
+                grad_h[start : start + rows] = _softmax_grad_times_head(hs, ys, lse, head, dtype)
+    return total, grad_h
 
 
 def _online_logsumexp(hs, ys, head, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,13 +154,7 @@ def causal_lm_loss_sum(
     if not dense:
         if torch.is_grad_enabled() and h.requires_grad:
             return _RowsCrossEntropy.apply(h, y, head_weight, chunk), int(y.numel())
-        dtype = compute_dtype(h, h.dtype)
-        with torch.autocast(h.device.type, enabled=False):
-            total = hidden.new_zeros((), dtype=torch.float32)
-            for start in range(0, y.numel(), chunk):
-                lse, picked = _online_logsumexp(h[start : start + chunk].to(dtype), y[start : start + chunk], head_weight, dtype)
-                total += (lse - picked).sum()
-        return total, int(y.numel())
+        return _rows_loss_sum(h, y, head_weight, chunk, want_grad=False)[0], int(y.numel())
     if torch.is_grad_enabled() and (h.requires_grad or head_weight.requires_grad):
         return _HeadCrossEntropy.apply(h, head_weight, y, chunk), int(y.numel())
     total = hidden.new_zeros((), dtype=torch.float32)
