@@ -15,7 +15,8 @@ The model, in bytes (p = parameters; a = compute-dtype bytes, 2 for bf16 autocas
     activations  per token per block, what autograd keeps (norm inputs/outputs, q/k/v, attention
                  output, SwiGLU's four intermediate-width tensors; LoRA inputs and dropout masks), x layers; with --grad-checkpointing one block input per layer
                  plus one block's full set during its recomputation
-    logits       one chunk (train.loss.chunk_rows(V) target rows) of float32 logits, its softmax gradient and a copy
+    logits       one chunk (train.loss.chunk_rows(V) target rows) of float32 logits, reused in place for their
+                 softmax gradient, plus its bf16 copy under bf16 autocast
                  (V: the head's vocabulary slice when it is 4-bit)
     slack        +25% of activations and logits: allocator fragmentation (freed blocks that cannot be
                  reused for the next, differently sized tensors; measured on CPU with glibc)
@@ -152,7 +153,9 @@ def estimate_peak_bytes(cfg: ModelConfig, s: Settings) -> MemoryEstimate:
     if s.method == "qlora" and s.quantize_embeddings:  # the loss reads the 4-bit head by vocabulary slices
         vocab = min(vocab, QuantizedHead.VOCAB_CHUNK)
     rows = min(chunk_rows(vocab), tokens)
-    logits = rows * vocab * (4 + 4 + s.compute_bytes)
+    # train.loss keeps one chunk alive: float32 logits, turned into their gradient in place, and that
+    # gradient's copy in the compute dtype (none in float32, where .to() returns the same tensor)
+    logits = rows * vocab * (4 + (s.compute_bytes if s.compute_bytes != 4 else 0))
     optim_bytes = 2 if s.optim in EIGHT_BIT_OPTIMIZERS else 8
     matrices = sum(a * b for a, b in _linear_shapes(cfg).values()) * layers
     autocast = matrices * 2 if s.method == "full" and s.compute_bytes == 2 else 0
