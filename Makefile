@@ -3,7 +3,7 @@
 
 demo:
 	@bash scripts/setup.sh
-	.venv/bin/python -m train.run --method qlora --output-dir runs/demo --overwrite
+	.venv/bin/python -m demo --method qlora --output-dir runs/demo --overwrite
 
 test:
 	@bash scripts/setup.sh test

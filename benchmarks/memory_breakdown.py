@@ -51,7 +51,7 @@ def _storage_bytes(tensors) -> tuple[int, set[int]]:
 
 def weight_parts(model: torch.nn.Module) -> dict[str, float]:
     """MiB of parameters and buffers by kind (each storage once, so the tied head is not counted twice)."""
-    from quant.linear import NF4Linear
+    from quant import NF4Linear
 
     parts = {"block linears": 0, "embedding / tied head": 0, "norms, biases, rotary": 0, "LoRA adapters": 0}
     seen: set[int] = set()
@@ -75,13 +75,17 @@ def weight_parts(model: torch.nn.Module) -> dict[str, float]:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from train.loop import autocast_context, build_optimizer, forward_loss_sum, train_step
-    from train.methods import build_model
+    from train.loop import (
+        autocast_context,
+        build_optimizer,
+        forward_loss_sum,
+        train_step,
+    )
 
     base = vs_hf.rss_mib()
     cfg = vs_hf.ours_config(args.method, bool(args.grad_checkpointing))
     device = torch.device("cpu")
-    model = build_model(cfg, args.model, device, torch.bfloat16)
+    model = cfg.method.build(cfg, args.model, device, torch.bfloat16).model
     out = {"method": args.method, "load_peak_mib": vs_hf.rss_mib("VmHWM") - base, "weights_mib": weight_parts(model)}
     opt = build_optimizer(model, 2e-4, 0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)

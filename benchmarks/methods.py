@@ -12,7 +12,7 @@ shares) on a CPU. Per method:
 - trainable parameters (as train.run prints them) and their share of the model;
 - weight bytes: resident bytes of every parameter and buffer of the model as the method builds it
   (frozen bf16 or NF4 base plus float32 trainables), measured in this process with
-  train.methods.build_model, and the bytes of the weights the run saves;
+  train.methods' Method.build, and the bytes of the weights the run saves;
 - tokens/s: target tokens over wall time of the steps after --warmup (from train.run's metrics.jsonl);
 - the training loss of the last step and the validation loss of the end of the run.
 """
@@ -38,10 +38,10 @@ SEQ, BATCH = 128, 4
 
 def build_model(out_dir: Path) -> Path:
     """A random Llama of MODEL's shape with the demo tokenizer, saved in Hugging Face format."""
+    from demo.base import DEMO_MODEL_CONFIG, build_demo_tokenizer
     from models.checkpoint import save_pretrained
     from models.config import ModelConfig
     from models.decoder import Decoder
-    from models.demo import DEMO_MODEL_CONFIG, build_demo_tokenizer
 
     build_demo_tokenizer(out_dir)
     tok = json.loads((out_dir / "tokenizer.json").read_text())
@@ -57,7 +57,7 @@ def build_model(out_dir: Path) -> Path:
 
 
 def build_data(path: Path, n: int = 512) -> Path:
-    from train.demo import ensure_demo_data
+    from demo.base import ensure_demo_data
 
     lines = ensure_demo_data().read_text().splitlines()[:n]
     path.write_text("\n".join(lines) + "\n")
@@ -82,14 +82,13 @@ def run_method(method: str, model: Path, data: Path, out: Path, steps: int, dtyp
 
 
 def resident_weight_bytes(method: str, model: Path, dtype: str) -> int:
-    """Bytes of all parameters and buffers of the model as train.methods.build_model makes it for `method`."""
+    """Bytes of all parameters and buffers of the model as train.methods builds it for `method`."""
     from train.config import TrainConfig
-    from train.methods import build_model as build_for
 
     cfg = TrainConfig()
     cfg.run.method = method
     compute = torch.float32 if dtype == "float32" else torch.bfloat16
-    built = build_for(cfg, str(model), torch.device("cpu"), compute)
+    built = cfg.method.build(cfg, str(model), torch.device("cpu"), compute).model
     seen: set[int] = set()
     total = 0
     for t in list(built.parameters()) + list(built.buffers()):

@@ -6,7 +6,7 @@ For each layer shape it times (median of --reps runs, milliseconds):
 - quantize:          quant.quantize_nf4 vs bitsandbytes.functional.quantize_4bit(nf4, nested)
 - dequantize -> T:   NF4Linear.dequantize(T) with backend "torch" vs "bnb"
 - forward / fwd+bwd: NF4Linear on x [tokens, in] in bfloat16 (backward w.r.t. x only, as in QLoRA)
-and checks that both backends produce identical bits. The numbers picked quant.linear.DEFAULT_BACKEND.
+and checks that both backends produce identical bits. The numbers picked quant.backend.DEFAULT_BACKEND (benchmarks/NF4_SPEED.md).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from quant.linear import NF4Linear
+from quant import NF4Linear
 from quant.nf4 import quantize_nf4
 
 SHAPES = ((2048, 2048), (4096, 11008))

@@ -4,7 +4,7 @@
         [--json benchmarks/results/scaling.json] [--png benchmarks/results/scaling.png]
 
 Two sweeps, every point a fresh process running `benchmarks.vs_hf`'s "ours" worker (train.methods
-.build_model + train.loop.train_step, bf16 autocast, AdamW), so each peak is its own:
+.Method.build + train.loop.train_step, bf16 autocast, AdamW), so each peak is its own:
 
 1. sequence length 256, 512, 1024, 2048 on one shape (the --quick 33M Llama), with and without
    activation checkpointing (per decoder block, recomputed in backward);

@@ -11,7 +11,7 @@ length, batch, steps, optimizer (AdamW, constant lr, no weight decay, clip 1.0),
 use_cpu=True on the CPU)) and activation-checkpointing setting (off unless --grad-checkpointing,
 which turns it on for both).
 
-- ours: `train.methods.build_model` + `train.loop.train_step`, the functions `train.run` uses
+- ours: `train.methods` (Method.build) + `train.loop.train_step`, the functions `train.run` uses
   (no evaluation, checkpoints or logging files, so only the step itself is timed).
 - hf:   `AutoModelForCausalLM` (+ `peft.get_peft_model`; qlora: `BitsAndBytesConfig` nf4 4-bit) + `Trainer`.
 - method qlora+embed: ours only, QLoRA with --quantize-embeddings (HF + PEFT has no 4-bit embedding).
@@ -88,7 +88,7 @@ def build_model(out_dir: Path, shape: dict) -> Path:
 
 
 def _base_config() -> dict:
-    from models.demo import DEMO_MODEL_CONFIG
+    from demo.base import DEMO_MODEL_CONFIG
 
     return dict(DEMO_MODEL_CONFIG)
 
@@ -151,11 +151,10 @@ def ours_config(method: str, grad_checkpointing: bool):
 
 def worker_ours(args: argparse.Namespace, base_rss: float) -> dict:
     from train.loop import build_optimizer, train_step
-    from train.methods import build_model as build_ours
 
     cfg = ours_config(args.method, bool(args.grad_checkpointing))
     device = torch.device(args.device)
-    model = build_ours(cfg, args.model, device, torch.bfloat16)
+    model = cfg.method.build(cfg, args.model, device, torch.bfloat16).model
     loaded = peak_mib(args.device, base_rss)
     opt = build_optimizer(model, LR[cfg.run.method], 0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)

@@ -8,7 +8,7 @@
 
 Merging to a plain checkpoint: `python -m lora.merge --base MODEL --adapter DIR --output DIR`.
 """
-from lora.adapter_io import load_adapter, read_adapter_config, read_training_record, save_adapter
+from lora.adapter_io import base_format, load_adapter, read_adapter_config, save_adapter
 from lora.inject import (
     LoraConfig,
     adapter_parameters,
@@ -33,6 +33,7 @@ __all__ = [
     "LoRALinear",
     "LoraConfig",
     "adapter_parameters",
+    "base_format",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
@@ -45,7 +46,6 @@ __all__ = [
     "merge_lora",
     "per_row_adapters",
     "read_adapter_config",
-    "read_training_record",
     "save_adapter",
     "set_active_adapter",
     "trainable_report",

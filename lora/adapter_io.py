@@ -5,10 +5,8 @@ A directory holds:
 - adapter_model.safetensors: `base_model.model.<module path>.lora_A.weight` [r,in],
   `...lora_B.weight` [out,r] and, for DoRA, `...lora_magnitude_vector` [out] (PEFT writes the
   magnitude without a `.weight` suffix; we also accept one when reading).
-- lora_training.json (ours, PEFT never reads it): how the base was held while training, e.g.
-  {"base_quantization": "nf4", "base_dtype": "bfloat16", "compute_dtype": "bfloat16"}, plus the caller's `extra` fields. An
-  extra key in adapter_config.json would make PEFT warn that the file came from a newer PEFT, so the
-  record lives beside it instead.
+- lora_training.json (ours, PEFT never reads it): how the base was held while training
+  (models.weight_format.WeightFormat), plus the caller's `extra` fields.
 
 Only safetensors are read; nothing is ever unpickled.
 """
@@ -36,10 +34,11 @@ from lora.inject import (
 )
 from models.files import atomic_write, read_json_object
 from models.hub import CheckpointError
+from models.weight_format import WeightFormat, write_record
+from quant import NF4Embedding, NF4Weights
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-TRAINING_NAME = "lora_training.json"
 PEFT_PREFIX = "base_model.model."
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -91,30 +90,21 @@ def peft_config_dict(model: nn.Module, config: LoraConfig, base_model_name_or_pa
     }
 
 
-def training_record(model: nn.Module, adapter_name: str) -> dict[str, Any]:
-    """How the base under adapter `adapter_name` was held while training.
+def base_format(model: nn.Module, adapter_name: str = "default") -> WeightFormat:
+    """How the base under adapter `adapter_name` is held, read from the model's own modules.
 
-    base_quantization: "nf4" or None; compute_dtype: the 4-bit layers' matmul dtype; quantized_embeddings:
-    present (true) when the embedding and output head were 4-bit as well; base_dtype: the
-    dtype of the base's full-precision tensors, which is also the dtype the 4-bit weights were
-    quantized from (the loader quantizes each weight as read in that dtype), so a merge can
-    re-quantize the very same 4-bit weights.
+    quantize: "nf4" when the layers it adapts are 4-bit (also those a merge set aside), with their
+    compute dtype; quantize_embeddings when the embedding is 4-bit too; dtype: that of the base's
+    full-precision tensors, which is also the dtype the 4-bit weights were quantized from (the loader
+    quantizes each weight as read in that dtype), so a merge can re-quantize the very same 4-bit weights.
     """
     layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.adapter_names]
-    quantized = [layer.__dict__.get("_quantized_base", layer.base) for layer in layers]
-    quantized = [q for q in quantized if hasattr(q, "dequantize")]
+    quantized = [layer.unmerged_base for layer in layers if isinstance(layer.unmerged_base, NF4Weights)]
     adapter = {id(p) for p in adapter_parameters(model, adapter_name).values()}
-    base_dtype = next((p.dtype for p in model.parameters() if id(p) not in adapter and p.is_floating_point()), None)
-    record: dict[str, Any] = {"base_quantization": "nf4" if quantized else None, "base_dtype": _dtype_name(base_dtype)}
-    if quantized:
-        record["compute_dtype"] = _dtype_name(getattr(quantized[0], "compute_dtype", None))
-    if getattr(model, "quantized_embeddings", False):  # the embedding and head were 4-bit too
-        record["quantized_embeddings"] = True
-    return record
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return str(dtype).removeprefix("torch.") if dtype is not None else None
+    dtype = next((p.dtype for p in model.parameters() if id(p) not in adapter and p.is_floating_point()), torch.float32)
+    embeddings = any(isinstance(m, NF4Embedding) for m in model.modules())
+    return WeightFormat(dtype, "nf4" if quantized else None, quantized[0].compute_dtype if quantized else None,
+                        embeddings)
 
 
 def save_adapter(
@@ -124,21 +114,22 @@ def save_adapter(
     base_model_name_or_path: str | os.PathLike | None,
     adapter_name: str = "default",
     extra: dict[str, Any] | None = None,
+    base: WeightFormat | None = None,
 ) -> Path:
     """Write adapter `adapter_name` of `model` as a PEFT LoRA adapter directory; return it.
 
-    `config` describes the adapter (its adapter_name is ignored in favour of `adapter_name`); `extra`
-    fields go into lora_training.json.
+    `config` describes the adapter (its adapter_name is ignored in favour of `adapter_name`). Beside it
+    goes the record of how the base was held (models.weight_format): `base` when the caller loaded it
+    and knows, else `base_format(model)`; `extra` fields go into the record too.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(**{**config.__dict__, "adapter_name": adapter_name})
     state = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in lora_state_dict(model, adapter_name).items()}
-    base = str(base_model_name_or_path) if base_model_name_or_path is not None else None
-    record = {**(extra or {}), **training_record(model, adapter_name)}  # the base facts are not overridable
+    base_name = str(base_model_name_or_path) if base_model_name_or_path is not None else None
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _write_json(out / CONFIG_NAME, peft_config_dict(model, config, base))
-    _write_json(out / TRAINING_NAME, record)
+    _write_json(out / CONFIG_NAME, peft_config_dict(model, config, base_name))
+    write_record(out, base or base_format(model, adapter_name), extra)
     return out
 
 
@@ -178,12 +169,6 @@ def read_adapter_config(adapter_dir: str | os.PathLike, adapter_name: str = "def
         )
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
-
-
-def read_training_record(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """lora_training.json, or {} for an adapter made elsewhere (PEFT writes no such file)."""
-    path = Path(adapter_dir) / TRAINING_NAME
-    return read_json_object(path) if path.is_file() else {}
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> LoraConfig:

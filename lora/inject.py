@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lora.linear import LoRALinear
+from quant import NF4Linear, NF4Weights
 
 ALL_LINEAR = "all-linear"
 OUTPUT_LAYER = "lm_head"  # never a target of "all-linear", as in PEFT
@@ -22,7 +23,8 @@ OUTPUT_LAYER = "lm_head"  # never a target of "all-linear", as in PEFT
 
 @dataclass
 class LoraConfig:
-    """Hyperparameters of one adapter.
+    """Hyperparameters of one adapter. The defaults are PEFT's LoraConfig's (its Llama targets q and v);
+    the trainer's own defaults are train.config.LoraSettings'.
 
     target_modules: a list of module names, each matching a module whose full name equals it or
     ends with "." + it (PEFT's rule: "q_proj" matches every block's q_proj); a str is a regex that
@@ -62,18 +64,9 @@ class LoraConfig:
 # ---------------------------------------------------------------------- finding targets
 
 
-def _quantized_linear_type() -> type | None:
-    try:
-        from quant.linear import NF4Linear
-    except ImportError:
-        return None
-    return NF4Linear
-
-
 def is_linear(module: nn.Module) -> bool:
     """A layer LoRA can wrap: nn.Linear or a 4-bit NF4Linear."""
-    nf4 = _quantized_linear_type()
-    return isinstance(module, nn.Linear) or (nf4 is not None and isinstance(module, nf4))
+    return isinstance(module, (nn.Linear, NF4Linear))
 
 
 def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -268,9 +261,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts; a 4-bit layer counts its logical parameters (num_params())."""
-    nf4 = _quantized_linear_type()
-    quantized = [m for m in model.modules() if nf4 is not None and isinstance(m, nf4)]
+    """(trainable, all) parameter counts; a 4-bit weight counts its logical parameters (num_params())."""
+    quantized = [m for m in model.modules() if isinstance(m, NF4Weights)]
     skip = {id(p) for m in quantized for p in m.parameters()}
     trainable = total = 0
     for p in model.parameters():

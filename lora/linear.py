@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora.lowrank import lora_delta
+from quant import NF4Weights
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
     """The base layer's dense weight [out,in]: nn.Linear's parameter, or a 4-bit layer dequantized."""
-    dequantize = getattr(base, "dequantize", None)
-    return dequantize() if dequantize is not None else base.weight
+    return base.dequantize() if isinstance(base, NF4Weights) else base.weight
 
 
 def _base_device(base: nn.Module) -> torch.device:
@@ -265,10 +265,10 @@ class LoRALinear(nn.Module):
         """Fold the active adapter into the base weight; a no-op when already merged.
 
         nn.Linear base: its weight is updated in place (computed in float32, stored in its dtype).
-        4-bit base (anything with `dequantize()`): 4 bits cannot hold W + s·BA, so the base is replaced
-        by a plain nn.Linear holding the dequantized weight plus the delta, in the 4-bit layer's
-        compute dtype; the 4-bit layer is kept aside (outside the state dict) and `unmerge` puts it back
-        unchanged.
+        4-bit base (quant.NF4Weights): 4 bits cannot hold W + s·BA, so the base is replaced by a plain
+        nn.Linear holding the dequantized weight plus the delta, in the 4-bit layer's compute dtype; the
+        4-bit layer is kept aside (outside the state dict, see `unmerged_base`) and `unmerge` puts it
+        back unchanged.
         """
         name = self.active_adapter
         if self.merged or name is None:
@@ -281,15 +281,20 @@ class LoRALinear(nn.Module):
             merged = (self.lora_magnitude_vector[name].float() / norm)[:, None] * (w + delta)
         else:
             merged = w + delta
-        if isinstance(self.base, nn.Linear):
-            self.base.weight.data = merged.to(self.base.weight.dtype)
-        else:
+        if isinstance(self.base, NF4Weights):
             self._swap_in_dense(merged)
+        else:
+            self.base.weight.data = merged.to(self.base.weight.dtype)
         self.merged_adapter = name
+
+    @property
+    def unmerged_base(self) -> nn.Module:
+        """The frozen base layer as it was before any merge: the 4-bit layer a merge set aside, else `base`."""
+        return self.__dict__.get("_quantized_base", self.base)
 
     def _swap_in_dense(self, weight: torch.Tensor) -> None:
         quantized = self.base
-        dtype = getattr(quantized, "compute_dtype", None) or torch.float32
+        dtype = quantized.compute_dtype
         dense = nn.Linear(self.in_features, self.out_features, bias=quantized.bias is not None, device=weight.device, dtype=dtype)
         dense.weight.data = weight.to(dtype)
         if quantized.bias is not None:

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from lora.adapter_io import load_adapter, read_adapter_config, read_training_record
+from lora.adapter_io import load_adapter, read_adapter_config
 from lora.inject import unload
 from models.checkpoint import load_pretrained, save_pretrained
 from models.config import ModelConfig, dtype_from_name
 from models.hub import CheckpointError, resolve_model_dir
+from models.weight_format import read_record
 
 INTO = ("original", "quantized")
 
@@ -56,9 +57,8 @@ def merge_adapter(
     if not adapter_dir.is_dir():
         raise CheckpointError(f"{adapter_dir}: no such adapter directory")
     read_adapter_config(adapter_dir)  # refuse a bad or non-LoRA adapter before loading the base
-    record = read_training_record(adapter_dir)
-    trained_on = record.get("base_quantization")
-    into = into or ("quantized" if trained_on == "nf4" else "original")
+    trained_on = read_record(adapter_dir)  # None for an adapter made elsewhere
+    into = into or ("quantized" if trained_on and trained_on.quantize else "original")
     if into not in INTO:
         raise UsageError(f"--into must be one of {', '.join(INTO)}, got {into!r}")
     base_dir = resolve_model_dir(base)
@@ -69,22 +69,15 @@ def merge_adapter(
     if into == "quantized":
         # Quantize from the dtype training loaded the base in, so the 4-bit weights are the trained-against
         # ones bit for bit; float32 compute: the merged weight is dequantize(W) + delta, rounded once to `stored`.
-        quantized_from = _recorded_dtype(record, "base_dtype", adapter_dir)
-        model = load_pretrained(base_dir, dtype=quantized_from, quantize="nf4", compute_dtype=torch.float32,
-                                quantize_embeddings=bool(record.get("quantized_embeddings")))
+        model = load_pretrained(base_dir, dtype=trained_on.dtype if trained_on else None, quantize="nf4",
+                                compute_dtype=torch.float32,
+                                quantize_embeddings=bool(trained_on and trained_on.quantize_embeddings))
     else:
         # Merging rounds (W + delta) computed in float32 once to the weight dtype, so load in `stored` directly.
         model = load_pretrained(base_dir, dtype=stored)
     load_adapter(model, adapter_dir)
     unload(model, merge=True)
     return save_pretrained(model, out, dtype=stored, tokenizer_dir=base_dir)
-
-
-def _recorded_dtype(record: dict, key: str, adapter_dir: Path) -> torch.dtype | None:
-    try:
-        return dtype_from_name(record.get(key))
-    except ValueError as err:
-        raise CheckpointError(f"{adapter_dir / 'lora_training.json'}: {key}: {err}") from None
 
 
 def _parser() -> argparse.ArgumentParser:

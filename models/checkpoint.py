@@ -6,6 +6,10 @@ a memory map, so the process never holds the file's pages and a converted copy a
 is the model in its final dtype plus one tensor. Weights are only ever read from safetensors; nothing
 is unpickled. With quantize="nf4", each linear of the decoder blocks is quantized as soon as its
 weight is read, so a 4-bit model never exists in 16 or 32 bits as a whole.
+
+`load_checkpoint` returns the model with what loading learned (`Loaded`: the checkpoint directory,
+whose tokenizer files go with anything saved from it, and the resolved WeightFormat, which an adapter
+trained on this base records); `load_pretrained` is its model alone.
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.config import ModelConfig, dtype_from_name
-from models.decoder import Decoder
+from models.decoder import Decoder, rope_inv_freq
 from models.files import atomic_write
 from models.hub import CheckpointError, resolve_model_dir
+from models.weight_format import WeightFormat
+from quant import NF4Embedding, NF4Linear, NF4Weights, QuantizedHead
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32,
@@ -158,6 +164,15 @@ def _read_into(f: BinaryIO, flat: torch.Tensor, entry: TensorEntry) -> None:
         raise CheckpointError(f"{entry.file}: truncated while reading a tensor")
 
 
+@dataclass
+class Loaded:
+    """What `load_checkpoint` learned besides the model: where it read it from and how it holds it."""
+
+    model: Decoder
+    directory: Path  # the checkpoint directory (its tokenizer files go with anything saved from the model)
+    format: WeightFormat  # dtype and quantization, resolved: loads the same base again
+
+
 def load_pretrained(
     path_or_hub_id: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
@@ -166,15 +181,26 @@ def load_pretrained(
     compute_dtype: torch.dtype | None = None,
     quantize_embeddings: bool = False,
 ) -> Decoder:
-    """Load a llama / mistral / qwen2 / qwen3 checkpoint into a `Decoder`.
+    """Load a llama / mistral / qwen2 / qwen3 checkpoint into a `Decoder` (eval mode); see load_checkpoint."""
+    return load_checkpoint(path_or_hub_id, dtype, device, quantize, compute_dtype, quantize_embeddings).model
+
+
+def load_checkpoint(
+    path_or_hub_id: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    quantize: str | None = None,
+    compute_dtype: torch.dtype | None = None,
+    quantize_embeddings: bool = False,
+) -> Loaded:
+    """Load a llama / mistral / qwen2 / qwen3 checkpoint: the model (eval mode), its directory and format.
 
     dtype: weights' dtype (default: the dtype the checkpoint was saved in, else float32).
     device: "meta" gives the skeleton only (checked against the files, nothing read), for a sharded
     model that is filled from another process later.
     quantize: None or "nf4" (decoder-block linears become frozen 4-bit `NF4Linear`s computing in
     `compute_dtype`, default bfloat16). quantize_embeddings (with quantize="nf4"): the token embedding
-    and the output head become 4-bit too (quant.embedding; tied, they stay one module). The model is
-    returned in eval mode with `source_dir` set.
+    and the output head become 4-bit too (quant.embedding; tied, they stay one module).
     """
     model_dir = resolve_model_dir(path_or_hub_id)
     config = ModelConfig.from_file(model_dir / "config.json")
@@ -184,6 +210,7 @@ def load_pretrained(
         raise ValueError(f"quantize={quantize!r}: only 'nf4' is supported")
     if quantize_embeddings and not quantize:
         raise ValueError("quantize_embeddings needs quantize='nf4'")
+    compute_dtype = (compute_dtype or torch.bfloat16) if quantize else None
     entries = index_checkpoint(model_dir)
     with torch.device("meta"):
         model = Decoder(config)
@@ -195,14 +222,10 @@ def load_pretrained(
         model.to(dtype)
     else:
         with freed_memory_returned():
-            _read_weights(model, entries, expected, dtype, device, quantize, compute_dtype or torch.bfloat16,
-                          quantize_embeddings)
+            _read_weights(model, entries, expected, dtype, device, quantize, compute_dtype, quantize_embeddings)
         materialize_buffers(model, device)
     model.tie_weights()
-    model.source_dir = model_dir
-    model.quantized = quantize
-    model.quantized_embeddings = quantize_embeddings
-    return model.eval()
+    return Loaded(model.eval(), model_dir, WeightFormat(dtype, quantize, compute_dtype, quantize_embeddings))
 
 
 def _read_weights(
@@ -306,8 +329,6 @@ def _is_quantizable(name: str, module: nn.Module) -> bool:
 
 
 def _swap_in_nf4(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> None:
-    from quant.linear import NF4Linear
-
     parent_name, _, child = name.rpartition(".")
     qlinear = NF4Linear.from_weight(tensors.pop("weight"), tensors.pop("bias", None), compute_dtype=compute_dtype)
     setattr(model.get_submodule(parent_name), child, qlinear)
@@ -315,8 +336,6 @@ def _swap_in_nf4(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], 
 
 def _swap_in_nf4_rows(model: nn.Module, name: str, weight: torch.Tensor, compute_dtype: torch.dtype) -> None:
     """The embedding [V, C] as an NF4Embedding, or an untied head as a QuantizedHead over its own rows."""
-    from quant.embedding import NF4Embedding, QuantizedHead
-
     try:
         table = NF4Embedding.from_weight(weight, compute_dtype=compute_dtype)
     except ValueError as err:
@@ -329,21 +348,17 @@ def _swap_in_nf4_rows(model: nn.Module, name: str, weight: torch.Tensor, compute
 
 def materialize_buffers(model: nn.Module, device: torch.device) -> None:
     """Recompute non-persistent buffers (rotary frequencies) that the meta device left empty."""
-    from models.decoder import rope_inv_freq
-
     rotary = model.model.rotary_emb
     rotary.inv_freq = rope_inv_freq(model.config).to(device)
 
 
 def export_state_dict(model: Decoder, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of `model` (4-bit layers dequantized, tied lm_head dropped)."""
-    from quant.linear import NF4Weights
-
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():  # a tied 4-bit head's table is met once, as the embedding
         if isinstance(module, NF4Weights):  # 4-bit linears, embedding and untied head (QuantizedHead.table)
             out[f"{name.removesuffix('.table')}.weight"] = module.dequantize(dtype or torch.float32)
-            if getattr(module, "bias", None) is not None:
+            if isinstance(module, NF4Linear) and module.bias is not None:
                 out[f"{name}.bias"] = module.bias.detach()
             continue
         for pname, p in module.named_parameters(recurse=False):
@@ -364,8 +379,8 @@ def save_pretrained(
     """Write `model` as a Hugging Face checkpoint that transformers loads.
 
     config.json, model.safetensors (or shards plus model.safetensors.index.json above
-    `max_shard_bytes`), and the tokenizer files from `tokenizer_dir` (default: where the model was
-    loaded from). Each file is written under a temporary name and renamed, so a crash never leaves
+    `max_shard_bytes`), and the tokenizer files from `tokenizer_dir` (e.g. the directory the model was
+    loaded from, `Loaded.directory`), if given. Each file is written under a temporary name and renamed, so a crash never leaves
     a file that looks complete.
     """
     out = Path(out_dir)
@@ -388,9 +403,8 @@ def save_pretrained(
         atomic_write(out / "model.safetensors.index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
     config = model.config.to_hf_dict(torch_dtype=stored)
     atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-    source = tokenizer_dir or getattr(model, "source_dir", None)
-    if source is not None:
-        copy_tokenizer_files(Path(source), out)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(Path(tokenizer_dir), out)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from models.config import ModelConfig
 from models.rmsnorm import rms_norm
 from models.swiglu import swiglu
+from quant import NF4Embedding, QuantizedHead
 
 
 class RMSNorm(nn.Module):
@@ -144,9 +146,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * d, bias=qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * d, bias=qkv_bias)
         self.o_proj = nn.Linear(c.num_attention_heads * d, c.hidden_size, bias=c.attention_bias)
-        if c.qk_norm:
-            self.q_norm = RMSNorm(d, c.rms_norm_eps)
-            self.k_norm = RMSNorm(d, c.rms_norm_eps)
+        # qwen3: RMSNorm over each head of q and k before rope (None elsewhere: nothing in the state dict)
+        self.q_norm = RMSNorm(d, c.rms_norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(d, c.rms_norm_eps) if c.qk_norm else None
 
     def forward(
         self,
@@ -166,7 +168,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
+        if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -222,6 +224,33 @@ class DecoderBody(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
+class Extended(NamedTuple):
+    """What Decoder.forward runs the blocks on once virtual tokens are in (see VirtualTokens)."""
+
+    x: torch.Tensor  # [B,T',C] input embeddings (T' = N + T when N virtual inputs were prepended)
+    attention_mask: torch.Tensor | None  # [B,S] covering the virtual tokens too, or None
+    position_ids: torch.Tensor | None  # [B,T'], or None for the decoder's default
+    past: int  # key positions before x: the cache length, or N for an uncached prefix
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (keys, values) [B,K,N,D], uncached
+    drop: int  # leading outputs that belong to virtual tokens, cut before the head
+
+
+class VirtualTokens(Protocol):
+    """The decoder's one hook for adapters: N virtual tokens seen by every real token.
+
+    Prompt and prefix tuning (prompt.virtual_tokens) implement it; the decoder knows nothing else about
+    adapters (LoRA replaces linear layers and needs no hook). Before the blocks, forward calls
+    `extend`, which may prepend input embeddings, add per-layer keys and values, and widen the mask and
+    positions; callers keep passing masks and positions for the real tokens only. Generation reserves
+    `num_virtual_tokens` extra KV-cache slots.
+    """
+
+    num_virtual_tokens: int
+
+    def extend(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+               cache: KVCache | None, doc_ids: torch.Tensor | None) -> Extended: ...
+
+
 class Decoder(nn.Module):
     """A causal language model. `model(input_ids, attention_mask)` -> logits [B,T,V]."""
 
@@ -233,20 +262,23 @@ class Decoder(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False  # recompute each block's activations in backward
-        self.virtual_tokens: nn.Module | None = None  # prompt or prefix tuning (models/virtual_tokens.py)
+        self.virtual_tokens: VirtualTokens | None = None  # the adapter hook (VirtualTokens); set by prompt.attach
 
     @property
     def embedding_dtype(self) -> torch.dtype:
         """dtype of the embedding's output: the hidden states' dtype outside autocast."""
         emb = self.model.embed_tokens
-        return emb.compute_dtype if hasattr(emb, "compute_dtype") else emb.weight.dtype  # 4-bit: no .weight
+        return emb.compute_dtype if isinstance(emb, NF4Embedding) else emb.weight.dtype
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Extra KV-cache positions generation must allocate for the attached virtual tokens (0: none)."""
+        return self.virtual_tokens.num_virtual_tokens if self.virtual_tokens is not None else 0
 
     def tie_weights(self) -> None:
         """Point lm_head at the embedding's weight (at the 4-bit table itself when it is quantized)."""
         if not self.config.tie_word_embeddings:
             return
-        from quant.embedding import NF4Embedding, QuantizedHead
-
         if isinstance(self.model.embed_tokens, NF4Embedding):
             self.lm_head = QuantizedHead(self.model.embed_tokens)
         else:

@@ -1,21 +1,17 @@
-"""Sampling with a KV cache, batched with left padding; `python -m models.generate`.
+"""Sampling with a KV cache, batched with left padding.
 
-Example:
-    python -m models.generate --model Qwen/Qwen2.5-0.5B --prompt "The capital of France is" \
-        --max-new-tokens 20 --temperature 0
-prints only the generated continuation on stdout.
+    outs = generate(model, [tokenizer.encode("The capital of France is")], SamplingConfig(max_new_tokens=20))
+
+The command line for it (with adapters) is `python -m serve.generate`.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from models.decoder import Decoder, KVCache
-from models.virtual_tokens import cache_slots
 
 
 @dataclass
@@ -81,7 +77,7 @@ def generate(
         dtype = model.embedding_dtype
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        capacity = cache_slots(model) + ids.shape[1] + cfg.max_new_tokens
+        capacity = model.num_virtual_tokens + ids.shape[1] + cfg.max_new_tokens
         cache = KVCache.empty(model.config, B, capacity, dtype, device)
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -103,73 +99,3 @@ def generate(
         step_ids = nxt[:, None]
     model.train(was_training)
     return out
-
-
-def load_for_inference(model_name: str, adapter: str | None, dtype: str | None, device: str | None):
-    """Load the base and attach the adapter, if any (LoRA, or PEFT prompt/prefix tuning).
-
-    An adapter trained on a 4-bit base runs on the same 4-bit base (quantized while loading), so
-    generation computes what was trained.
-    """
-    from models.checkpoint import load_pretrained
-    from models.config import dtype_from_name
-
-    if adapter is None:
-        return load_pretrained(model_name, dtype=dtype, device=device)
-    from models.virtual_tokens_io import is_virtual_token_adapter, load_virtual_tokens
-
-    if is_virtual_token_adapter(adapter):  # prompt or prefix tuning: the base is used as it is
-        model = load_pretrained(model_name, dtype=dtype, device=device)
-        load_virtual_tokens(model, adapter)
-        return model.eval()
-    from lora.adapter_io import load_adapter, read_training_record
-
-    record = read_training_record(adapter)
-    compute = dtype_from_name(record.get("compute_dtype"))
-    quantize = record.get("base_quantization")
-    if quantize:  # re-quantizing from another dtype would give other 4-bit codes than those trained on
-        dtype = record.get("base_dtype") or dtype
-    model = load_pretrained(model_name, dtype=dtype, device=device, quantize=quantize, compute_dtype=compute,
-                            quantize_embeddings=bool(quantize and record.get("quantized_embeddings")))
-    load_adapter(model, adapter)
-    return model.eval()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    p.add_argument("--adapter", help="adapter directory written by train.run (or PEFT)")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    args = p.parse_args(argv)
-    from models.hub import CheckpointError
-    from models.tokenizer import load_tokenizer
-
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        print("error: need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        tok = load_tokenizer(args.model)
-        model = load_for_inference(args.model, args.adapter, args.dtype, device)
-    except (CheckpointError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    text = args.prompt
-    if args.chat:
-        text = tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
-    prompt_ids = tok.encode(text)
-    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, tuple(sorted(tok.stop_ids)), args.seed)
-    new = generate(model, [prompt_ids], cfg, pad_id=tok.pad_id)[0]
-    print(tok.decode(new, skip_special_tokens=True))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

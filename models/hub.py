@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 # What a decoder checkpoint needs; weights in any other format (.bin, .pt) are never fetched or read.
 CHECKPOINT_FILES = [
     "config.json",
@@ -39,8 +41,6 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
     name = str(path_or_hub_id)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"{name}: no such directory, and not a hub id of the form 'owner/name'")
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES, local_files_only=True))
     except Exception:

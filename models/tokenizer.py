@@ -48,6 +48,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import jinja2.ext
+import jinja2.utils
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
@@ -134,8 +141,6 @@ def _chat_template(root: Path, config: dict) -> str | None:
 @lru_cache(maxsize=1)
 def _generation_extension() -> type:
     """jinja2 extension for `{% generation %}...{% endgeneration %}` (assistant-mask markers): renders the body."""
-    from jinja2 import nodes
-    from jinja2.ext import Extension
 
     class GenerationBlock(Extension):
         tags = {"generation"}
@@ -154,11 +159,6 @@ def _generation_extension() -> type:
 @lru_cache(maxsize=16)
 def _compile_template(source: str):
     """Compile a chat template in an environment equivalent to transformers' (see module docstring)."""
-    import jinja2
-    import jinja2.ext
-    import jinja2.utils
-    from jinja2.exceptions import SecurityError, TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise TemplateError(message)

@@ -9,8 +9,9 @@
     embed = NF4Embedding.from_weight(table)   # table [V, C], C % 64 == 0; embed(ids) -> [..., C]
     head = QuantizedHead(embed)                # tied lm_head: logits = x @ table.T, VOCAB_CHUNK rows at a time
 """
+from quant.backend import DEFAULT_BACKEND, bnb_quant_state, dequantize, dequantize_bnb
 from quant.embedding import NF4Embedding, QuantizedHead
-from quant.linear import DEFAULT_BACKEND, NF4Linear, bnb_quant_state, dequantize, dequantize_bnb
+from quant.linear import NF4Linear
 from quant.nf4 import (
     BLOCKSIZE,
     NESTED_BLOCKSIZE,
@@ -23,6 +24,7 @@ from quant.nf4 import (
     nf4_nbytes,
     quantize_nf4,
 )
+from quant.weights import NF4Weights
 
 __all__ = [
     "BLOCKSIZE",
@@ -31,6 +33,7 @@ __all__ = [
     "NF4Embedding",
     "NF4Linear",
     "NF4Tensor",
+    "NF4Weights",
     "NF4_VALUES",
     "QuantizedHead",
     "bnb_quant_state",

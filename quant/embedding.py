@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quant.linear import NF4Weights, decode_blocks, resolve_backend
-from quant.linear import scratch as scratch_buffer
+from quant.backend import decode_blocks, resolve_backend
+from quant.backend import scratch as scratch_buffer
 from quant.nf4 import BLOCKSIZE, NF4Tensor, dynamic_code, quantize_nf4
+from quant.weights import NF4Weights
 
 # ---------------------------------------------------------------------- rows of an NF4 matrix
 
@@ -36,7 +37,7 @@ def dequantize_rows(state: NF4Tensor, start: int, stop: int, backend: str = "aut
     """Rows [start, stop) of the [V, C] matrix `state` (C % 64 == 0), in state.dtype: [stop-start, C].
 
     Bit-identical to dequantize_nf4(state)[start:stop]; touches only those rows' bytes and scales.
-    scratch: on CPU, write into quant.linear.scratch's per-thread buffer (valid until its next use).
+    scratch: on CPU, write into quant.backend.scratch's per-thread buffer (valid until its next use).
     """
     vocab, cols = state.shape
     if not 0 <= start <= stop <= vocab:
@@ -119,14 +120,10 @@ class NF4Embedding(NF4Weights):
         """[V, C]."""
         return torch.Size((self.num_embeddings, self.embedding_dim))
 
-    def num_params(self) -> int:
-        """Logical parameter count, V*C: 4-bit weights count as parameters."""
-        return self.num_embeddings * self.embedding_dim
-
     def rows(self, start: int, stop: int, dtype: torch.dtype | None = None, scratch: bool = False) -> Tensor:
         """Rows [start, stop) [stop-start, C] in `dtype` (default compute_dtype): dequantize(dtype)[start:stop]'s bits.
 
-        Only those rows are dequantized. scratch=True (CPU): the result lives in quant.linear.scratch's
+        Only those rows are dequantized. scratch=True (CPU): the result lives in quant.backend.scratch's
         per-thread buffer, overwritten by the next scratch user; for loops that use each slice at once.
         """
         return dequantize_rows(self.quant_state(dtype), start, stop, self.backend, scratch)

@@ -13,8 +13,15 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from serve.engine import EngineConfig
-from serve.protocol import Limits
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.hub import CheckpointError
+from models.tokenizer import load_tokenizer
+from serve.adapters import AdapterRegistry
+from serve.engine import Engine, EngineConfig
+from serve.protocol import APIError, Limits
+from serve.server import App, make_server
 
 
 @dataclass
@@ -32,20 +39,12 @@ class ServeOptions:
 
 def build_app(opts: ServeOptions):
     """Load the base once, register the adapters and start the engine; returns a serve.server.App."""
-    import torch
-
-    from models.checkpoint import load_pretrained
-    from models.tokenizer import load_tokenizer
-    from serve.adapters import AdapterRegistry
-    from serve.engine import Engine
-    from serve.server import App
-
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(opts.model)
-    model = load_pretrained(opts.model, dtype=opts.dtype, device=device, quantize="nf4" if opts.load_in_4bit else None)
-    engine = Engine(model, tokenizer, opts.engine)
-    registry = AdapterRegistry(model, engine.lock, opts.served_model_name or opts.model, opts.adapter_root,
-                               opts.load_in_4bit)
+    base = load_checkpoint(opts.model, dtype=opts.dtype, device=device, quantize="nf4" if opts.load_in_4bit else None)
+    engine = Engine(base.model, tokenizer, opts.engine)
+    registry = AdapterRegistry(base.model, engine.lock, opts.served_model_name or opts.model, opts.adapter_root,
+                               base.format)
     engine.has_adapter = registry.has
     engine.virtual_tokens = registry.virtual_tokens
     for name, directory in opts.adapters.items():  # the operator's own command line: not limited to the root
@@ -98,10 +97,6 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    from models.hub import CheckpointError
-    from serve.protocol import APIError
-    from serve.server import make_server
-
     try:
         app = build_app(options_from_args(args))
     except (APIError, CheckpointError, OSError) as err:

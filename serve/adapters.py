@@ -3,8 +3,9 @@
 LoRA adapters live side by side in the same LoRALinear layers (one ModuleDict entry per name), so a
 batch can mix them row by row (lora.per_row_adapters). Prompt/prefix-tuning adapters are kept aside
 and attached to the model for the batches of their own requests (the model has one set of virtual
-tokens at a time, so those batches hold that adapter's requests only). Changing the set mutates the model, so it
-happens under the engine's lock, between batches.
+tokens at a time, so those batches hold that adapter's requests only). Changing the set mutates the
+model, so it happens under the engine's lock, between batches. Every kind goes on the model through
+the one loader, adapters.attach.
 """
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ import re
 import threading
 from pathlib import Path
 
+from adapters import Adapter, attach
+from lora.inject import delete_adapter
+from models.decoder import Decoder
+from models.hub import CheckpointError
+from models.weight_format import WeightFormat
 from serve.protocol import APIError
 
 log = logging.getLogger("serve")
@@ -20,38 +26,38 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 
 class AdapterRegistry:
-    """Adapter name -> directory, kept in step with the LoRA adapters injected into `model`."""
+    """Adapter name -> Adapter, kept in step with the adapters on `model` (held as `base_format`)."""
 
-    def __init__(self, model, lock: threading.Lock, base_name: str, root: str | Path | None, quantized: bool) -> None:
+    def __init__(self, model: Decoder, lock: threading.Lock, base_name: str, root: str | Path | None,
+                 base_format: WeightFormat) -> None:
         self.model = model
         self.lock = lock
         self.base_name = base_name
         self.root = Path(root).resolve() if root is not None else None
-        self.quantized = quantized
-        self._dirs: dict[str, Path] = {}
-        self._virtual: dict[str, object] = {}  # prompt/prefix-tuning adapters: name -> VirtualTokens module
+        self.base_format = base_format
+        self._adapters: dict[str, Adapter] = {}
 
     @property
     def names(self) -> list[str]:
-        return list(self._dirs)
+        return list(self._adapters)
 
     def directory(self, name: str) -> Path:
-        return self._dirs[name]
+        return self._adapters[name].directory
 
     def items(self) -> list[tuple[str, Path]]:
         """(name, directory) of every adapter: a snapshot, safe while another thread loads or unloads."""
-        return list(self._dirs.items())
+        return [(name, a.directory) for name, a in list(self._adapters.items())]
 
     def has(self, name: str) -> bool:
-        return name in self._dirs
+        return name in self._adapters
 
     def resolve(self, model_field: str) -> str | None:
         """A request's `model` -> adapter name (None: the base alone); 404 for anything else."""
         if model_field == self.base_name:
             return None
-        if model_field in self._dirs:
+        if model_field in self._adapters:
             return model_field
-        raise APIError(404, f"model {model_field!r} does not exist (have {[self.base_name, *self._dirs]})",
+        raise APIError(404, f"model {model_field!r} does not exist (have {[self.base_name, *self._adapters]})",
                        "model_not_found")
 
     def path_under_root(self, path: str) -> Path:
@@ -66,62 +72,41 @@ class AdapterRegistry:
 
     def load(self, name: str, directory: str | Path) -> None:
         """Register adapter `name` from `directory` (LoRA/QLoRA/prompt/prefix, ours or PEFT's); 4xx APIError when refused."""
-        from lora.adapter_io import load_adapter, read_training_record
-        from models.hub import CheckpointError
-        from models.virtual_tokens_io import is_virtual_token_adapter
-
         if not isinstance(name, str) or not NAME.fullmatch(name) or name == self.base_name:
             raise APIError(400, f"adapter name {name!r}: 1-64 of A-Z a-z 0-9 . _ : -, not the base's name", "invalid_name")
         directory = Path(directory)
         if not directory.is_dir():
             raise APIError(400, f"{directory}: no such adapter directory", "adapter_not_found")
-        if is_virtual_token_adapter(directory):
-            return self._load_virtual(name, directory)
-        record = read_training_record(directory)  # {} for a PEFT adapter: nothing known to compare
-        trained_4bit = bool(record.get("base_quantization"))
-        if record and trained_4bit != self.quantized:
-            log.warning("adapter %s was trained on a %s base but serves on a %s one: outputs will differ slightly",
-                        name, "4-bit" if trained_4bit else "full-precision", "4-bit" if self.quantized else "full-precision")
         with self.lock:
-            if name in self._dirs:
+            if name in self._adapters:
                 raise APIError(409, f"adapter {name!r} is already loaded", "adapter_exists")
             try:
-                load_adapter(self.model, directory, adapter_name=name)
-            except (CheckpointError, ValueError, OSError) as err:
-                raise APIError(400, f"cannot load adapter {name!r}: {err}", "invalid_adapter") from None
-            self.model.eval()  # new LoRA layers start in training mode (dropout on)
-            self._dirs[name] = directory
-        log.info("loaded adapter %s from %s", name, directory)
-
-    def _load_virtual(self, name: str, directory: Path) -> None:
-        """A prompt/prefix-tuning adapter: kept aside, attached to the model only while its batch runs."""
-        from models.hub import CheckpointError
-        from models.virtual_tokens_io import load_virtual_tokens
-
-        with self.lock:
-            if name in self._dirs:
-                raise APIError(409, f"adapter {name!r} is already loaded", "adapter_exists")
-            try:
-                module = load_virtual_tokens(self.model, directory)
+                adapter = attach(self.model, directory, name)
             except (CheckpointError, ValueError, OSError) as err:
                 raise APIError(400, f"cannot load adapter {name!r}: {err}", "invalid_adapter") from None
             finally:
-                self.model.virtual_tokens = None  # load_virtual_tokens attaches it; batches attach their own
-            self._virtual[name] = module.eval()
-            self._dirs[name] = directory
-        log.info("loaded prompt/prefix adapter %s from %s", name, directory)
+                self.model.virtual_tokens = None  # prompt/prefix tuning: batches attach their own
+            self._adapters[name] = adapter
+        trained = adapter.base
+        if trained is not None and bool(trained.quantize) != bool(self.base_format.quantize):
+            log.warning("adapter %s was trained on a %s base but serves on a %s one: outputs will differ slightly",
+                        name, _held(trained), _held(self.base_format))
+        log.info("loaded %s adapter %s from %s", adapter.kind, name, directory)
 
     def virtual_tokens(self, name: str | None):
         """The prompt/prefix-tuning module of adapter `name`, or None (a LoRA adapter, or the base)."""
-        return self._virtual.get(name) if name is not None else None
+        adapter = self._adapters.get(name) if name is not None else None
+        return adapter.virtual_tokens if adapter is not None else None
 
     def unload(self, name: str) -> None:
-        from lora.inject import delete_adapter
-
         with self.lock:
-            if name not in self._dirs:
+            adapter = self._adapters.pop(name, None)
+            if adapter is None:
                 raise APIError(404, f"no adapter named {name!r}", "adapter_not_found")
-            if self._virtual.pop(name, None) is None:
+            if adapter.kind == "lora":
                 delete_adapter(self.model, name)
-            del self._dirs[name]
         log.info("unloaded adapter %s", name)
+
+
+def _held(fmt: WeightFormat) -> str:
+    return "4-bit" if fmt.quantize else "full-precision"

@@ -38,15 +38,6 @@ class EngineConfig:
 
 
 @dataclass
-class Sampling:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # strings; the text ends before the first one found
-
-
-@dataclass
 class Event:
     """What a request's consumer receives: text deltas, then one "done" (or one "error")."""
 
@@ -63,7 +54,8 @@ class Job:
 
     prompt_ids: list[int]
     adapter: str | None
-    sampling: Sampling
+    sampling: SamplingConfig  # its stop_ids are ignored: every row stops at the tokenizer's stop tokens
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one found
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -98,7 +90,7 @@ class _Row:
 
     def __init__(self, job: Job, decode: Callable[[list[int]], str], stop_ids: set[int], device) -> None:
         self.job = job
-        self.text = TextStream(decode, job.sampling.stop)
+        self.text = TextStream(decode, job.stop)
         self.stop_ids = stop_ids
         self.done = False
         self.generator = None
@@ -117,7 +109,7 @@ class _Row:
             self.job.events.put(Event("text", delta))
         if self.text.stopped:
             self._finish("stop")
-        elif len(self.text.tokens) >= self.job.sampling.max_tokens:
+        elif len(self.text.tokens) >= self.job.sampling.max_new_tokens:
             self._finish("length")
 
     def _finish(self, reason: str) -> None:
@@ -234,7 +226,7 @@ class Engine:
         rows = [_Row(j, tok.decode, tok.stop_ids, self.device) for j in jobs]
         ids, mask = left_pad([j.prompt_ids for j in jobs], tok.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        steps = max(j.sampling.max_tokens for j in jobs)
+        steps = max(j.sampling.max_new_tokens for j in jobs)
         virtual = self.virtual_tokens(jobs[0].adapter)  # _groups never mixes these with other rows
         slots = virtual.num_virtual_tokens if virtual is not None else 0
         cache = KVCache.empty(self.model.config, len(jobs), slots + ids.shape[1] + steps, self._cache_dtype(), self.device)
@@ -285,6 +277,5 @@ class Engine:
         for i, row in enumerate(rows):
             s = row.job.sampling
             if not row.done and s.temperature > 0:
-                cfg = SamplingConfig(temperature=s.temperature, top_p=s.top_p)
-                nxt[i] = sample_next(logits[i : i + 1], cfg, row.generator)[0]
+                nxt[i] = sample_next(logits[i : i + 1], s, row.generator)[0]
         return nxt

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from models.generate import SamplingConfig
 from serve import protocol
 from serve.adapters import AdapterRegistry
-from serve.engine import Engine, Job, Sampling
+from serve.engine import Engine, Job
 from serve.protocol import APIError, CompletionRequest, Limits
 
 log = logging.getLogger("serve")
@@ -106,8 +107,8 @@ class Handler(BaseHTTPRequestHandler):
         req = protocol.parse_completion(self._read_json(), chat, app.limits)
         adapter = app.registry.resolve(req.model)
         prompt_ids = self._prompt_ids(req)
-        sampling = Sampling(req.max_tokens, req.temperature, req.top_p, req.seed, req.stop)
-        job = app.engine.submit(Job(prompt_ids, adapter, sampling))
+        sampling = SamplingConfig(req.max_tokens, req.temperature, req.top_p, seed=req.seed)
+        job = app.engine.submit(Job(prompt_ids, adapter, sampling, req.stop))
         if req.stream:
             self._stream(req, job, len(prompt_ids))
             return

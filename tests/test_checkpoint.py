@@ -49,7 +49,8 @@ def test_dtype_follows_checkpoint_and_can_be_overridden(hf_checkpoint, tmp_path)
 def test_tokenizer_files_are_copied(hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint("llama")
     (path / "tokenizer_config.json").write_text('{"add_bos_token": true}')
-    out = models.save_pretrained(models.load_pretrained(path), tmp_path / "out")
+    loaded = models.load_checkpoint(path)  # the model, and the directory its tokenizer files are in
+    out = models.save_pretrained(loaded.model, tmp_path / "out", tokenizer_dir=loaded.directory)
     assert (out / "tokenizer_config.json").read_text() == '{"add_bos_token": true}'
     assert (out / "generation_config.json").is_file()
 

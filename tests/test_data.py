@@ -17,25 +17,25 @@ from hypothesis import strategies as st
 
 from train.config import DataConfig
 from train.data import (
-    ALPACA_PROMPT_NO_INPUT,
-    IGNORE_INDEX,
-    BatchSampler,
-    DataError,
     Example,
     PackedRow,
-    StepLoader,
     build_examples,
     collate,
     count_target_tokens,
-    eval_batches,
     generation_prompt,
     load_datasets,
     pack_examples,
+    split_train_val,
+    tokenize_record,
+)
+from train.loader import BatchSampler, StepLoader, eval_batches
+from train.loss import IGNORE_INDEX
+from train.records import (
+    ALPACA_PROMPT_NO_INPUT,
+    DataError,
     parse_record,
     read_jsonl,
     render_alpaca,
-    split_train_val,
-    tokenize_record,
 )
 
 M = IGNORE_INDEX
@@ -383,9 +383,10 @@ def test_load_datasets_split_and_pack(tmp_path):
 # --- the real tokenizer ------------------------------------------------------------------------------
 def test_real_tokenizer_masks_align(tmp_path):
     """Same invariants with models.tokenizer on a tiny word-level tokenizer (skipped until it exists)."""
-    tokenizer_mod = pytest.importorskip("models.tokenizer")
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers import models as tk_models
+
+    import models.tokenizer as tokenizer_mod
 
     words = ["<unk>", "<s>", "</s>", "<pad>", "[user]", "[assistant]", "hi", "there", "how", "are", "you"]
     tk = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

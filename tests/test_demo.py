@@ -1,4 +1,4 @@
-"""models.demo: the embedded corpora, the demo tokenizer (checked against transformers) and the model shape."""
+"""demo: the embedded corpora, the demo tokenizer (checked against transformers), the model shape, `python -m demo`."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models import demo
+from demo import base, corpus
 from models.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,11 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def demo_tokenizer_dir(tmp_path_factory) -> Path:
-    return demo.build_demo_tokenizer(tmp_path_factory.mktemp("demo_tok"))
+    return base.build_demo_tokenizer(tmp_path_factory.mktemp("demo_tok"))
 
 
 def test_demo_corpus_shape_and_size():
-    records = demo.demo_corpus()
+    records = corpus.demo_corpus()
     assert 1000 <= len(records) <= 3000
     for r in records:
         assert set(r) == {"prompt", "completion"}
@@ -35,7 +35,7 @@ def test_demo_corpus_shape_and_size():
 
 
 def test_demo_text_corpus_is_prose():
-    paragraphs = demo.demo_text_corpus()
+    paragraphs = corpus.demo_text_corpus()
     assert len(paragraphs) >= 1000 and sum(map(len, paragraphs)) >= 200_000
     assert len(set(paragraphs)) == len(paragraphs)
     for p in paragraphs:
@@ -44,33 +44,33 @@ def test_demo_text_corpus_is_prose():
 
 def test_corpora_are_deterministic_across_processes():
     """Two calls agree, and so does a fresh interpreter with another hash seed (no addresses, no set order)."""
-    assert demo.demo_corpus() == demo.demo_corpus() and demo.demo_text_corpus() == demo.demo_text_corpus()
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from models import demo; "
-            "print(json.dumps([demo.demo_corpus(), demo.demo_text_corpus()]))")
+    assert corpus.demo_corpus() == corpus.demo_corpus() and corpus.demo_text_corpus() == corpus.demo_text_corpus()
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from demo import corpus; "
+            "print(json.dumps([corpus.demo_corpus(), corpus.demo_text_corpus()]))")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    assert json.loads(out.stdout) == [demo.demo_corpus(), demo.demo_text_corpus()]
+    assert json.loads(out.stdout) == [corpus.demo_corpus(), corpus.demo_text_corpus()]
 
 
 def test_calls_return_fresh_lists():
-    records = demo.demo_corpus()
+    records = corpus.demo_corpus()
     records[0]["prompt"] = "changed"
     records.clear()
-    assert demo.demo_corpus()[0]["prompt"] != "changed"
+    assert corpus.demo_corpus()[0]["prompt"] != "changed"
 
 
 def test_demo_tokenizer_loads_and_round_trips(demo_tokenizer_dir):
     tok = load_tokenizer(demo_tokenizer_dir)
-    assert tok.vocab_size == demo.DEMO_VOCAB_SIZE == demo.DEMO_MODEL_CONFIG["vocab_size"]
+    assert tok.vocab_size == base.DEMO_VOCAB_SIZE == base.DEMO_MODEL_CONFIG["vocab_size"]
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2) and tok.add_bos and tok.stop_ids == {2}
     for key in ("pad", "bos", "eos"):
-        assert demo.DEMO_MODEL_CONFIG[f"{key}_token_id"] == getattr(tok, f"{key}_id")
+        assert base.DEMO_MODEL_CONFIG[f"{key}_token_id"] == getattr(tok, f"{key}_id")
     for text in ["Return the square root of x.", "  tabs\tand\nnewlines  ", "ünïcödé 東京 🙂 \x00\x7f", ""]:
         ids = tok.encode(text)
         assert ids[0] == tok.bos_id and max(ids) < tok.vocab_size
         assert tok.decode(ids) == text
     # trained on the docstrings: their words are cheap
-    sample = " ".join(demo.demo_text_corpus()[:200])
+    sample = " ".join(corpus.demo_text_corpus()[:200])
     assert len(sample) / len(tok.encode(sample)) > 3
 
 
@@ -82,7 +82,7 @@ def test_demo_tokenizer_matches_transformers(demo_tokenizer_dir):
     hf = AutoTokenizer.from_pretrained(str(demo_tokenizer_dir))
     tok = load_tokenizer(demo_tokenizer_dir)
     assert len(hf) == tok.vocab_size and (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, 2, 0)
-    texts = [r["prompt"] + " " + r["completion"] for r in demo.demo_corpus()[::97]] + ["ünïcödé 🙂", ""]
+    texts = [r["prompt"] + " " + r["completion"] for r in corpus.demo_corpus()[::97]] + ["ünïcödé 🙂", ""]
     for text in texts:
         assert tok.encode(text) == hf.encode(text)
         assert tok.decode(tok.encode(text)) == hf.decode(hf.encode(text), skip_special_tokens=True) == text
@@ -99,7 +99,7 @@ def test_demo_tokenizer_matches_transformers(demo_tokenizer_dir):
 
 
 def test_demo_tokenizer_is_deterministic(demo_tokenizer_dir, tmp_path):
-    demo.build_demo_tokenizer(tmp_path)
+    base.build_demo_tokenizer(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / name).read_bytes() == (demo_tokenizer_dir / name).read_bytes(), name
 
@@ -107,15 +107,15 @@ def test_demo_tokenizer_is_deterministic(demo_tokenizer_dir, tmp_path):
 def test_demo_model_config_is_a_valid_llama():
     from models.config import ModelConfig
 
-    cfg = ModelConfig.from_hf_dict(dict(demo.DEMO_MODEL_CONFIG))
+    cfg = ModelConfig.from_hf_dict(dict(base.DEMO_MODEL_CONFIG))
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (256, 4, 4, 2)
-    assert cfg.tie_word_embeddings and cfg.vocab_size == demo.DEMO_VOCAB_SIZE
-    json.dumps(demo.DEMO_MODEL_CONFIG)  # plain config.json data
+    assert cfg.tie_word_embeddings and cfg.vocab_size == base.DEMO_VOCAB_SIZE
+    json.dumps(base.DEMO_MODEL_CONFIG)  # plain config.json data
 
 
 def test_demo_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("FT_DEMO_CACHE", str(tmp_path / "c"))
-    assert demo.demo_cache_dir() == tmp_path / "c"
+    assert base.demo_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("FT_DEMO_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert demo.demo_cache_dir() == tmp_path / ".cache" / "ftkit" / "demo"
+    assert base.demo_cache_dir() == tmp_path / ".cache" / "ftkit" / "demo"

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import make_run_model, make_task_data
 from train.checkpoint import SHARDED
-from train.data import PLACEHOLDER, Example, StepLoader, count_target_tokens, eval_batches, rank_share
+from train.data import PLACEHOLDER, Example, count_target_tokens
+from train.loader import StepLoader, eval_batches, rank_share
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4  # 33 training rows in global micro-batches of 8, 2 per step: steps of 16, 16, 1, 16 rows

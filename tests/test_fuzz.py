@@ -17,14 +17,8 @@ from hypothesis import strategies as st
 
 from models.tokenizer import load_tokenizer
 from tests.conftest import make_tokenizer_files
-from train.data import (
-    DataError,
-    build_examples,
-    generation_prompt,
-    parse_record,
-    read_jsonl,
-    tokenize_record,
-)
+from train.data import build_examples, generation_prompt, tokenize_record
+from train.records import DataError, parse_record, read_jsonl
 
 # FUZZ_EXAMPLES=3000 for a longer hunt (that many pass); the suite's default keeps it under a few seconds.
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import models
-from quant.linear import NF4Linear
+from quant import NF4Linear
 from tests.conftest import left_padded_batch
 from tests.test_checkpoint import _write_big_bf16_checkpoint
 
@@ -67,7 +67,7 @@ def test_quantize_while_loading_never_holds_the_whole_model_in_16_bits(tmp_path)
     script = textwrap.dedent(
         f"""
         import gc, resource, torch, models
-        from quant.linear import NF4Linear
+        from quant import NF4Linear
         def rss():
             return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
         with torch.device("meta"):  # first meta model pulls in torch code once

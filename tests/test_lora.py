@@ -13,6 +13,7 @@ from torch import nn
 import lora
 from lora import LoraConfig, LoRALinear
 from models import CheckpointError, Decoder, ModelConfig
+from quant import NF4Weights
 from tests.conftest import left_padded_batch
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -308,15 +309,20 @@ def test_pickled_or_corrupt_adapter_is_refused(tmp_path):
 # ---------------------------------------------------------------------- 4-bit base (QLoRA)
 
 
-class DequantizingLinear(nn.Module):
-    """Stand-in for a 4-bit layer: weight only reachable through dequantize(), as NF4Linear."""
+class DequantizingLinear(NF4Weights):
+    """Stand-in for a 4-bit layer: a frozen 4-bit weight type whose weight is only reachable through
+    dequantize(), as NF4Linear's, but with a rounding simple enough to see."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
+        super().__init__(linear.weight.numel(), torch.float32, None)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("packed", linear.weight.detach().round(decimals=1))
         self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.compute_dtype = torch.float32
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
 
     def dequantize(self, dtype=None):
         return self.packed.to(dtype or self.compute_dtype)
@@ -343,13 +349,9 @@ def test_merge_into_a_quantized_base_swaps_in_a_dense_layer_and_back(variant):
         assert torch.equal(layer(x), y)
 
 
-def nf4_or_skip():
-    return pytest.importorskip("quant.linear", reason="quant.linear.NF4Linear not available yet")
-
-
 def test_qlora_fresh_equals_base_and_training_touches_only_adapters(hf_checkpoint, tmp_path):
-    quant = nf4_or_skip()
     import models
+    import quant
 
     path, _ = hf_checkpoint("llama")
     model = models.load_pretrained(path, quantize="nf4", compute_dtype=torch.float32)

@@ -6,6 +6,7 @@ import copy
 import json
 import warnings
 
+import peft
 import pytest
 import torch
 
@@ -14,8 +15,6 @@ import models
 from lora import LoraConfig
 from tests.conftest import left_padded_batch
 from tests.test_lora import VARIANTS, randomize_adapter
-
-peft = pytest.importorskip("peft")
 
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -152,7 +151,6 @@ def test_training_step_matches_peft_with_dropout(hf_checkpoint, tmp_path, varian
 
 def test_trainable_report_on_4bit_base_matches_peft_on_bitsandbytes(hf_checkpoint, capsys):
     """4-bit weights count as parameters: our NF4 base against PEFT on a bitsandbytes 4-bit model."""
-    pytest.importorskip("quant.linear", reason="quant.linear.NF4Linear not available yet")
     import transformers
 
     path, _ = hf_checkpoint("qwen2")  # q/k/v biases: counted once, as plain parameters

@@ -13,6 +13,7 @@ import torch
 
 import models
 from models.config import ModelConfig
+from quant import nf4_nbytes
 from tests.conftest import TASK_WORDS, make_task_data, make_tokenizer_files
 from train import memory
 from train.loss import chunk_rows
@@ -42,7 +43,8 @@ def test_parameter_bytes_follow_the_stated_per_parameter_costs():
     qlora = estimate_peak_bytes(LLAMA_7B, Settings("qlora", 1, 2, compute_bytes=2))
     assert lora.trainable_params == qlora.trainable_params == 32 * 4 * 16 * (4096 + 4096)
     block_linears = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
-    assert lora.weights - qlora.weights == pytest.approx(block_linears * (2 - 4.127 / 8), rel=1e-6)
+    # NF4: 4 bits + an 8-bit scale per 64 + a float32 per 16384 (quant.nf4_nbytes: 4.127 bits per parameter)
+    assert lora.weights - qlora.weights == pytest.approx(block_linears * 2 - nf4_nbytes(block_linears), rel=1e-6)
     assert qlora.peak < lora.peak < full.peak
 
 

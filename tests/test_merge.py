@@ -157,7 +157,6 @@ def test_cli_bad_inputs_exit_2_with_one_line(hf_checkpoint, tmp_path, capsys):
 
 
 def test_cli_qlora_adapter_merges_into_dequantized_weights_by_default(hf_checkpoint, tmp_path):
-    pytest.importorskip("quant.linear", reason="quant.linear.NF4Linear not available yet")
     path, _ = hf_checkpoint("llama")
     qmodel, adapter = _adapter(tmp_path, path, "dora", quantize="nf4")
     ids, mask = left_padded_batch(qmodel.config.vocab_size)
@@ -178,7 +177,7 @@ def test_cli_qlora_adapter_merges_into_dequantized_weights_by_default(hf_checkpo
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_merge_into_nf4_layer(variant):
-    quant = pytest.importorskip("quant.linear", reason="quant.linear.NF4Linear not available yet")
+    import quant
     torch.manual_seed(0)
     nf4 = quant.NF4Linear.from_linear(nn.Linear(64, 48), compute_dtype=torch.float32)
     layer = lora.LoRALinear(nf4, r=4, alpha=8, **VARIANTS[variant])
@@ -196,7 +195,6 @@ def test_merge_into_nf4_layer(variant):
 def test_cli_requantizes_from_the_dtype_training_loaded_the_base_in(hf_checkpoint, tmp_path):
     """QLoRA as train/ runs it: a float32 checkpoint loaded in bf16 and quantized from bf16. The merge
     must add the delta to exactly those 4-bit weights (quantizing from float32 gives other codes)."""
-    pytest.importorskip("quant.linear", reason="quant.linear.NF4Linear not available yet")
     path, _ = hf_checkpoint("llama")
     qmodel = models.load_pretrained(path, dtype=torch.bfloat16, quantize="nf4", compute_dtype=torch.bfloat16)
     cfg = LoraConfig(r=4, alpha=8, target_modules=["down_proj"])

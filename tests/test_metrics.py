@@ -118,7 +118,6 @@ def test_early_stopping_threshold_compares_with_latest_best():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_early_stopping_matches_transformers_callback(seed):
-    pytest.importorskip("transformers")
     rng = random.Random(seed)
     values = [round(1.0 + rng.uniform(-0.05, 0.04) * i / 5, 3) for i in range(40)]
     for patience, threshold in [(1, 0.0), (3, 0.0), (2, 0.01), (4, 0.005)]:

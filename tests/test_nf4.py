@@ -5,17 +5,23 @@ from __future__ import annotations
 import gc
 import weakref
 
+import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from quant import NF4Linear, dequantize_nf4, dynamic_code, nf4_code, nf4_nbytes, quantize_nf4
-from quant.linear import bnb_cpu_kernel, dequantize_scratch, resolve_backend
+from quant import (
+    NF4Linear,
+    dequantize_nf4,
+    dynamic_code,
+    nf4_code,
+    nf4_nbytes,
+    quantize_nf4,
+)
+from quant.backend import bnb_cpu_kernel, dequantize_scratch, resolve_backend
 from quant.nf4 import _dynamic_lut, dequantize_absmax, quantize_blockwise_8bit
-
-bnbf = pytest.importorskip("bitsandbytes.functional")
 
 # (300,77) and (3,5) are odd: a half-filled last byte; none is a multiple of 64*256, so the last
 # 64-block and the last 256-block of absmax are partial (except (64,64): one partial 256-block).

@@ -4,15 +4,22 @@ from __future__ import annotations
 import gc
 import weakref
 
+import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
 import quant.embedding
-import quant.linear
-from quant import NF4Embedding, NF4Linear, QuantizedHead, dequantize_absmax, dequantize_nf4, nf4_nbytes, quantize_nf4
+import quant.weights
+from quant import (
+    NF4Embedding,
+    NF4Linear,
+    QuantizedHead,
+    dequantize_absmax,
+    dequantize_nf4,
+    nf4_nbytes,
+    quantize_nf4,
+)
 from quant.embedding import block_scales
-
-bnbf = pytest.importorskip("bitsandbytes.functional")
 
 # [V, C] with C % 64 == 0. None has V*C a multiple of 64*256, so the last nested 256-block of absmax is
 # partial. C = 192 and 320 (3 and 5 blocks a row) put nested boundaries inside rows: block 256 is the
@@ -168,7 +175,7 @@ def test_only_the_needed_rows_are_dequantized(monkeypatch):
     def whole_table(*args, **kwargs):
         raise AssertionError("the whole table was dequantized")
 
-    monkeypatch.setattr(quant.linear, "dequantize", whole_table)  # what NF4Embedding.dequantize() calls
+    monkeypatch.setattr(quant.weights, "dequantize", whole_table)  # what NF4Embedding.dequantize() calls
     table(torch.tensor([[5, 7, 5]]))
     table.rows(10, 30)
     head(torch.randn(2, 192))
@@ -279,4 +286,4 @@ def test_dtype_casts_keep_the_float32_statistics_and_state_dict_round_trips():
     assert torch.equal(fresh(ids), table(ids))
     x = torch.randn(3, 128)
     assert torch.equal(QuantizedHead(fresh)(x), QuantizedHead(table)(x))
-    assert isinstance(table, quant.linear.NF4Weights) and not isinstance(table, NF4Linear)
+    assert isinstance(table, quant.weights.NF4Weights) and not isinstance(table, NF4Linear)

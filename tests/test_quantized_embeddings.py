@@ -87,14 +87,14 @@ def test_qlora_run_with_quantized_embeddings_trains_merges_and_reloads(run_model
     record = json.loads((out / "adapter" / "lora_training.json").read_text())
     assert record["base_quantization"] == "nf4" and record["quantized_embeddings"] is True
 
+    from adapters import load_adapted
     from lora.merge import main as merge_main
-    from models.generate import load_for_inference
 
     assert merge_main(["--base", str(run_model), "--adapter", str(out / "adapter"), "--output", str(tmp_path / "m")]) == 0
     merged = models.load_pretrained(tmp_path / "m", dtype=torch.float32)
     base = models.load_pretrained(run_model, dtype=torch.float32)
     assert torch.equal(merged.model.embed_tokens.weight, _round_trip(base.model.embed_tokens.weight))
-    served = load_for_inference(str(run_model), str(out / "adapter"), None, None)
+    served = load_adapted(str(run_model), str(out / "adapter"), None, None).model
     assert isinstance(served.model.embed_tokens, NF4Embedding)
 
 

@@ -31,13 +31,19 @@ def _args(model_dir, data, out, *extra):
             "--seq-len", "32", "--batch-size", "8", "--seed", "3", "--dtype", "float32", *extra]
 
 
+# `python -m train.run` with every checkpoint file written `slow` seconds late (train.checkpoint patched
+# in the child), so that kills land inside checkpoint writes too.
+SLOW_CHECKPOINTS = (
+    "import sys, time; import train.checkpoint as c; slow = float(sys.argv[1]); write = c._write_synced; "
+    "c._write_synced = lambda path, fn: (time.sleep(slow), write(path, fn))[1]; "
+    "from train.run import main; sys.exit(main(sys.argv[2:]))"
+)
+
+
 def _spawn(argv, slow: float | None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("FT_TEST_SLOW_CHECKPOINT", None)
-    if slow:
-        env["FT_TEST_SLOW_CHECKPOINT"] = str(slow)  # test hook in train/checkpoint.py: sleep before each file
-    return subprocess.Popen([sys.executable, "-m", "train.run", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-c", SLOW_CHECKPOINTS, str(slow), *argv] if slow else [sys.executable, "-m", "train.run", *argv]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_until_training(proc: subprocess.Popen, out: Path, since: float) -> None:

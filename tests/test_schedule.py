@@ -5,10 +5,15 @@ import math
 
 import pytest
 import torch
+from transformers import optimization
 
-from train.schedule import build_scheduler, lr_at, lr_lambda, total_steps_for, warmup_steps_for
-
-optimization = pytest.importorskip("transformers.optimization")
+from train.schedule import (
+    build_scheduler,
+    lr_at,
+    lr_lambda,
+    total_steps_for,
+    warmup_steps_for,
+)
 
 HF = {
     "cosine": lambda opt, w, t: optimization.get_cosine_schedule_with_warmup(opt, w, t),

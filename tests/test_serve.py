@@ -1,7 +1,7 @@
 """python -m serve: an in-process server on a loopback port, driven by a real HTTP client (urllib).
 
 Checks that concurrent requests over several adapters are batched and each answer equals the same
-prompt run alone (models.generate), that streaming concatenates to the plain answer, stop strings,
+prompt run alone (adapters.load_adapted + models.generate), that streaming concatenates to the plain answer, stop strings,
 adapter admin under a root, and that bad requests get 4xx while the server keeps answering.
 """
 from __future__ import annotations
@@ -20,9 +20,11 @@ import pytest
 import torch
 
 import lora
+from adapters import load_adapted
 from lora import LoraConfig
-from models.generate import SamplingConfig, generate, load_for_inference
+from models.generate import SamplingConfig, generate
 from models.tokenizer import load_tokenizer
+from models.weight_format import WeightFormat
 from serve.__main__ import ServeOptions, build_app
 from serve.adapters import AdapterRegistry
 from serve.engine import EngineConfig
@@ -112,7 +114,7 @@ def reference(run_model: Path, adapter_dir: Path | None, prompt: str, max_tokens
     tok = load_tokenizer(run_model)
     model = reference.models.get(adapter_dir)
     if model is None:
-        model = reference.models[adapter_dir] = load_for_inference(str(run_model), adapter_dir and str(adapter_dir), "float32", "cpu")
+        model = reference.models[adapter_dir] = load_adapted(str(run_model), adapter_dir and str(adapter_dir), "float32", "cpu").model
     cfg = SamplingConfig(max_tokens, stop_ids=tuple(sorted(tok.stop_ids)), **sampling)
     return tok.decode(generate(model, [tok.encode(prompt)], cfg, pad_id=tok.pad_id)[0], skip_special_tokens=True)
 
@@ -144,7 +146,7 @@ def test_concurrent_requests_over_three_adapters_are_batched_and_equal_each_run_
 
     # A few against the CLI itself, as a user would run it.
     for adapter, prompt, n in jobs[:2]:
-        cmd = [sys.executable, "-m", "models.generate", "--model", str(run_model), "--adapter", str(adapter_root / adapter),
+        cmd = [sys.executable, "-m", "serve.generate", "--model", str(run_model), "--adapter", str(adapter_root / adapter),
                "--prompt", prompt, "--max-new-tokens", str(n), "--temperature", "0", "--dtype", "float32", "--device", "cpu"]
         cli = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -282,7 +284,8 @@ def test_admin_loads_and_unloads_adapters_only_from_under_the_root(server, run_m
 
 
 def test_admin_is_disabled_without_a_root():
-    registry = AdapterRegistry(model=None, lock=threading.Lock(), base_name="base", root=None, quantized=False)
+    registry = AdapterRegistry(model=None, lock=threading.Lock(), base_name="base", root=None,
+                               base_format=WeightFormat(torch.float32))
     with pytest.raises(APIError) as err:
         registry.path_under_root("anything")
     assert err.value.status == 403 and err.value.code == "admin_disabled"
@@ -318,8 +321,7 @@ def test_4bit_base_serves_adapters_as_generate_does_on_the_same_4bit_base(run_mo
 def make_virtual_adapter(base: Path, out: Path, kind: str, seed: int) -> Path:
     """A prompt- or prefix-tuning adapter with random virtual tokens, in PEFT's format."""
     from models.checkpoint import load_pretrained
-    from models.virtual_tokens import PrefixEncoder, PromptEmbedding, attach
-    from models.virtual_tokens_io import save_virtual_tokens
+    from prompt import PrefixEncoder, PromptEmbedding, attach, save_virtual_tokens
 
     model = load_pretrained(base, dtype="float32")
     torch.manual_seed(seed)

@@ -75,17 +75,27 @@ def test_grad_checkpointing_with_frozen_base_gives_same_run(run_model, tmp_path)
     assert all(torch.allclose(outs[0][k], outs[1][k], atol=1e-6) for k in outs[0])
 
 
-def test_no_model_and_no_data_runs_the_embedded_demo(run_model, tmp_path, monkeypatch, capsys):
+def test_python_m_demo_runs_the_embedded_demo(run_model, tmp_path, monkeypatch, capsys):
     """The demo path, with a tiny cached base standing in for the one the demo builds on first use."""
-    from train.demo import BASE_VERSION
+    from demo.__main__ import demo_main
+    from demo.base import BASE_VERSION
 
     monkeypatch.setenv("FT_DEMO_CACHE", str(tmp_path / "cache"))
     shutil.copytree(run_model, tmp_path / "cache" / f"base-v{BASE_VERSION}")
-    assert main(["--method", "qlora", "--output-dir", str(tmp_path / "o"), "--max-steps", "2", "--dtype", "float32"]) == 0
+    assert demo_main(["--output-dir", str(tmp_path / "o"), "--max-steps", "2", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "Before fine-tuning:" in out and "After fine-tuning" in out
     assert (tmp_path / "cache" / "docstrings.jsonl").is_file()
     assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["run"]["method"] == "qlora"  # the demo's default
+
+
+def test_train_run_without_model_or_data_exits_2_in_one_line(run_model, tmp_path, capsys):
+    for argv in (["--method", "lora"], ["--method", "lora", "--model", str(run_model)]):
+        assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["error: --model and --data are required (python -m demo runs the built-in example)"]
+    assert not (tmp_path / "o").exists()
 
 
 def test_generate_cli_prints_only_the_continuation(run_model):
@@ -93,7 +103,7 @@ def test_generate_cli_prints_only_the_continuation(run_model):
     model = models.load_pretrained(run_model)
     prompt = "the red cat is"
     new = generate(model, [tok.encode(prompt)], SamplingConfig(max_new_tokens=7, stop_ids=tuple(tok.stop_ids)), tok.pad_id)[0]
-    proc = subprocess.run([sys.executable, "-m", "models.generate", "--model", str(run_model), "--prompt", prompt,
+    proc = subprocess.run([sys.executable, "-m", "serve.generate", "--model", str(run_model), "--prompt", prompt,
                            "--max-new-tokens", "7", "--temperature", "0"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == tok.decode(new, skip_special_tokens=True) + "\n"
@@ -104,10 +114,10 @@ def test_generate_cli_with_adapter_and_bad_model(run_model, tmp_path):
 
     data = make_task_data(tmp_path / "t.jsonl", 40)
     assert main(_base_args(run_model, data, tmp_path / "o", "--method", "qlora", "--max-steps", "2")) == 0
-    ok = subprocess.run([sys.executable, "-m", "models.generate", "--model", str(run_model), "--adapter",
+    ok = subprocess.run([sys.executable, "-m", "serve.generate", "--model", str(run_model), "--adapter",
                          str(tmp_path / "o" / "adapter"), "--prompt", "the sun is", "--max-new-tokens", "4"],
                         cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "models.generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"],
+    bad = subprocess.run([sys.executable, "-m", "serve.generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nowhere" in bad.stderr

@@ -5,9 +5,15 @@ import pytest
 import torch
 
 import models
-from models.generate import SamplingConfig, generate, load_for_inference
-from models.virtual_tokens import PrefixEncoder, PromptEmbedding, attach
-from models.virtual_tokens_io import load_virtual_tokens, save_virtual_tokens
+from adapters import load_adapted
+from models.generate import SamplingConfig, generate
+from prompt import (
+    PrefixEncoder,
+    PromptEmbedding,
+    attach,
+    load_virtual_tokens,
+    save_virtual_tokens,
+)
 from tests.conftest import left_padded_batch, make_task_data
 from train.run import main
 
@@ -138,9 +144,9 @@ def test_short_run_lowers_val_loss_and_saves_a_loadable_adapter(run_model, tmp_p
     assert summary["best_val_loss"] < summary["first_val_loss"] - 0.2
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == f"{method.upper()}_TUNING" and config["num_virtual_tokens"] == 4
-    model = load_for_inference(str(run_model), str(out / "adapter"), None, "cpu")
+    model = load_adapted(str(run_model), str(out / "adapter"), None, "cpu").model
     assert model.virtual_tokens.num_virtual_tokens == 4
-    from models.generate import main as generate_main
+    from serve.generate import main as generate_main
 
     capsys.readouterr()
     assert generate_main(["--model", str(run_model), "--adapter", str(out / "adapter"), "--prompt", "the cat is",

@@ -22,8 +22,7 @@ a file that needs anything else (a pickle that would run code) is refused with C
 Deleting a checkpoint (pruning, or replacing one of the same step) first renames it to a `.tmp-*`
 name, so a crash mid-delete never leaves a `step-*` directory with `state.json` but missing tensors.
 
-Test hook: the environment variable FT_TEST_SLOW_CHECKPOINT=SECONDS makes `save_checkpoint` sleep that
-long before each file it writes, so kill tests can land inside a checkpoint write. Never set it otherwise.
+This module is the format (files in, files out); train.checkpointer decides when and by which rank.
 """
 from __future__ import annotations
 
@@ -39,8 +38,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from models.hub import CheckpointError
 
@@ -66,6 +74,7 @@ class TrainerState:
     elapsed_s: float = 0.0
     world_size: int = 1  # processes that trained it: a resume must use as many
     fsdp: bool = False  # optimizer state keyed by parameter name (FSDP2) instead of by index
+    scheduler: dict[str, Any] = field(default_factory=dict)  # the LR scheduler's state_dict()
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -126,15 +135,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _test_pause() -> None:
-    """Test hook (see module docstring): widen the window in which a kill lands mid-write."""
-    delay = os.environ.get("FT_TEST_SLOW_CHECKPOINT")
-    if delay:
-        time.sleep(float(delay))
-
-
 def _write_synced(path: Path, write) -> None:
-    _test_pause()
     write(path)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -267,3 +268,40 @@ def load_optimizer_state(path: Path) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: refused: not a plain tensor file ({first[:160]})") from None
+
+
+# --- FSDP2: every rank reads and writes its own shards ---------------------------------------------------
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """This rank's shards of the trainable tensors (and optimizer state), keyed by parameter name."""
+    trainable = {n for n, q in model.named_parameters() if q.requires_grad}
+    state = {"model": {n: t for n, t in get_model_state_dict(model).items() if n in trainable}}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Every rank writes its shards of the trainable tensors and optimizer state into `path` (a collective)."""
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(path))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
+    """Read a save_sharded() directory back into the sharded model (and optimizer), at the same world size."""
+    state = _sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def full_trainable_state(model: nn.Module, is_main: bool) -> dict[str, torch.Tensor]:
+    """Full trainable tensors by name, on the CPU of rank 0 (`is_main`); under FSDP2 every rank must call
+    this: each parameter is all-gathered in turn, so only one whole parameter exists at a time. Other
+    ranks get an empty dict."""
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if isinstance(param, DTensor) else param
+            if is_main:
+                out[name] = whole.detach().contiguous().cpu()
+    return out

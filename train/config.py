@@ -1,5 +1,8 @@
 """TrainConfig: every knob of a fine-tuning run, one dataclass per concern.
 
+(About 470 lines: the dataclasses with their flags, and the one field table that generates the
+command line, the TOML reader and validation from them; each half needs the other's table.)
+
 Three ways in, one precedence: dataclass defaults < a TOML file (`--config FILE.toml`) < command-line
 flags. Every field carries its flag in its metadata, so the CLI is generated from the dataclasses and
 maps one-to-one onto fields (`--lora-rank` <-> `TrainConfig.lora.rank`); `--config` is the only flag
@@ -22,36 +25,24 @@ import dataclasses
 import difflib
 import json
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora.inject import ALL_LINEAR, LoraConfig
+from train.errors import ConfigError
+from train.methods import METHODS
 from train.schedule import SCHEDULES
 
-METHODS = ("full", "lora", "qlora", "prefix", "prompt")
 TASKS = ("lm", "classification", "generation")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-# Peak learning rates when --lr is not given. full and LoRA/QLoRA follow the seed chapter. Soft
-# prompts and prefixes are a few thousand parameters that must travel far from their init, so they
-# want a rate ~100x LoRA's: 3e-2 is what PEFT's prompt-tuning causal-LM example uses; prefix tuning
-# trains key/value activations directly (no reparameterisation MLP here) and is the less stable of
-# the two, so it gets the 1e-2 of PEFT's prefix-tuning example.
-METHOD_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "prefix": 1e-2, "prompt": 3e-2}
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+METHOD_LR = {name: method.lr for name, method in METHODS.items()}  # for the --lr help text
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # every attention projection: common practice
 
 
-class ConfigError(ValueError):
-    """A bad setting. `field` is the dotted field path (e.g. "lora.rank") when one is to blame."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def _f(default: Any = None, flag: str = "", help: str = "", *, choices: tuple[str, ...] | None = None, **extra):
+def _f(default: Any = None, flag: str = "", help: str = "", *, choices: Collection[str] | None = None, **extra):
     """A dataclass field that knows its command-line flag (metadata drives argparse and TOML)."""
     meta = {"flag": flag, "help": help, "choices": choices, **extra}
     if isinstance(default, (list, dict)):
@@ -63,8 +54,9 @@ def _f(default: Any = None, flag: str = "", help: str = "", *, choices: tuple[st
 class RunConfig:
     """What is trained, where it is written, and how reproducibly."""
 
-    method: str = _f("lora", "--method", "what to train", choices=METHODS)
-    model: str | None = _f(None, "--model", "checkpoint directory or hub id (None: the built-in demo model)")
+    # the live view of train.methods.METHODS: a method added there is a choice at once
+    method: str = _f("lora", "--method", "what to train (train.methods)", choices=METHODS.keys())
+    model: str | None = _f(None, "--model", "checkpoint directory or hub id (required; python -m demo runs the built-in one)")
     output_dir: str | None = _f(None, "--output-dir", "where checkpoints and logs go (None: runs/<method>)")
     seed: int = _f(0, "--seed", "seeds weights init, dropout, the val split and the data order")
     dtype: str = _f("auto", "--dtype", "compute dtype; auto: bfloat16 where the device has it, else float32",
@@ -83,7 +75,7 @@ class RunConfig:
 class DataConfig:
     """Where examples come from and how they are cut into batches."""
 
-    data: str | None = _f(None, "--data", "training JSONL (None: the built-in demo data)")
+    data: str | None = _f(None, "--data", "training JSONL (required)")
     val_data: str | None = _f(None, "--val-data", "validation JSONL")
     val_fraction: float = _f(0.0, "--val-fraction", "hold out this fraction of --data for validation (seeded)")
     seq_len: int = _f(1024, "--seq-len", "tokens per row; longer examples are truncated (and counted)")
@@ -111,17 +103,29 @@ class OptimConfig:
 
 @dataclass
 class LoraSettings:
-    """Low-rank adapters (methods lora and qlora). Named apart from lora.LoraConfig on purpose."""
+    """Low-rank adapters (methods lora and qlora): the trainer's defaults, and the flags of lora.LoraConfig.
+
+    Named like the flags (--lora-rank -> rank), where LoraConfig is named like PEFT's (r); `adapter()`
+    is the one translation, and train.memory estimates from it too.
+    """
 
     rank: int = _f(16, "--lora-rank", "adapter rank r")
     alpha: float = _f(32.0, "--lora-alpha", "scale = alpha / r (alpha / sqrt(r) with --use-rslora)")
     dropout: float = _f(0.05, "--lora-dropout", "dropout on the adapter input")
-    target_modules: list[str] = _f(list(LORA_TARGETS), "--target-modules", "comma-separated module names")
+    target_modules: list[str] = _f(list(LORA_TARGETS), "--target-modules",
+                                   f"comma-separated module names, or {ALL_LINEAR}")
     use_rslora: bool = _f(False, "--use-rslora", "rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = _f(False, "--use-dora", "weight-decomposed LoRA (DoRA)")
     quantize_embeddings: bool = _f(False, "--quantize-embeddings",
                                    "qlora: hold the token embedding and output head in NF4 too (4x less memory "
                                    "for them; the loss reads the head by vocabulary slices)")
+
+    def adapter(self) -> LoraConfig:
+        """These settings as the adapter's hyperparameters."""
+        targets = self.target_modules
+        return LoraConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else list(targets),
+                          use_rslora=self.use_rslora, use_dora=self.use_dora)
 
 
 @dataclass
@@ -187,8 +191,8 @@ class TrainConfig:
 
     def resolve(self) -> None:
         """Fill the "None: per method" defaults. Idempotent, so a reloaded config stays the same."""
-        if self.optim.lr is None and self.run.method in METHOD_LR:
-            self.optim.lr = METHOD_LR[self.run.method]
+        if self.optim.lr is None and self.run.method in METHODS:
+            self.optim.lr = METHODS[self.run.method].lr
         if self.run.output_dir is None:
             self.run.output_dir = f"runs/{self.run.method}"
         if isinstance(self.lora.target_modules, str):
@@ -214,12 +218,12 @@ class TrainConfig:
             raise ConfigError("--val-data and --val-fraction are exclusive: give one", field="data.val_fraction")
         if self.run.resume is not None and self.run.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other", field="run.overwrite")
-        if self.lora.quantize_embeddings and self.run.method != "qlora":
-            raise ConfigError(f"--quantize-embeddings is for --method qlora (the base of --method {self.run.method} "
-                              "is not quantized)", field="lora.quantize_embeddings")
-        if self.run.fsdp and self.run.method not in ("full", "lora"):
-            raise ConfigError(f"--fsdp shards full and lora training; --method {self.run.method} trains few "
-                              "enough parameters for DDP (run torchrun without --fsdp)", field="run.fsdp")
+        METHODS[self.run.method].check(self)
+
+    @property
+    def method(self):
+        """The train.methods.Method that --method names."""
+        return METHODS[self.run.method]
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -17,14 +17,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from models.checkpoint import Loaded, materialize_buffers
+from train.errors import RunError
 
 
 @dataclass(frozen=True)
@@ -51,11 +60,18 @@ class Parallel:
 
 
 def from_env(fsdp: bool = False) -> Parallel:
-    """The process layout torchrun put in the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    """The process layout torchrun put in the environment (RANK, WORLD_SIZE, LOCAL_RANK); RunError when
+    --fsdp (`fsdp`) asks for shards without torchrun, or a node starts more processes than it has GPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        if fsdp:
+            raise RunError("--fsdp shards over several processes: start the run with torchrun --nproc_per_node N")
         return Parallel(fsdp=False)
-    return Parallel(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), fsdp)
+    p = Parallel(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), fsdp)
+    if torch.cuda.is_available() and p.local_rank >= torch.cuda.device_count():
+        raise RunError(f"local rank {p.local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                       "start at most one process per GPU (torchrun --nproc_per_node)")
+    return p
 
 
 def start(p: Parallel) -> torch.device:
@@ -108,6 +124,20 @@ def broadcast(p: Parallel, obj: Any) -> Any:
 
 
 # --- wrapping ----------------------------------------------------------------------------------------
+def load_and_wrap(build: Callable[[torch.device], Loaded], p: Parallel, device: torch.device) -> tuple[Loaded, nn.Module]:
+    """The model `build(device)` makes, and what the forward pass goes through (see `wrap`).
+
+    FSDP2: a meta-device skeleton on every rank; rank 0 alone also builds it on the CPU with its weights,
+    whose state dict `wrap` sends each rank's shards of.
+    """
+    if not p.fsdp:
+        loaded = build(device)
+        return loaded, wrap(loaded.model, p, device)
+    loaded = build(torch.device("meta"))
+    full = build(torch.device("cpu")).model.state_dict() if p.is_main else None
+    return loaded, wrap(loaded.model, p, device, full)
+
+
 def wrap(model: nn.Module, p: Parallel, device: torch.device,
          full_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The module the training forward goes through: DDP(model), or `model` itself after fully_shard.
@@ -122,11 +152,6 @@ def wrap(model: nn.Module, p: Parallel, device: torch.device,
     if not p.enabled:
         return model
     if p.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        from torch.distributed.fsdp import fully_shard
-
-        from models.checkpoint import materialize_buffers
-
         for block in model.model.layers:
             fully_shard(block)
         fully_shard(model)
@@ -135,8 +160,6 @@ def wrap(model: nn.Module, p: Parallel, device: torch.device,
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, full_state if p.is_main else {}, options=options)
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -158,48 +181,4 @@ def gradient_sync(module: nn.Module, p: Parallel, sync: bool) -> Iterator[None]:
 
 def to_float(t: torch.Tensor) -> float:
     """A scalar tensor as a float, also when it is a replicated DTensor (FSDP2's clip_grad_norm_)."""
-    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
-
-
-# --- state of sharded models ---------------------------------------------------------------------------
-def full_trainable_state(model: nn.Module, p: Parallel) -> dict[str, torch.Tensor]:
-    """Full trainable tensors by name, on the CPU of rank 0 (under FSDP2 every rank must call this:
-    each parameter is all-gathered in turn, so only one whole parameter exists at a time; other
-    ranks get an empty dict)."""
-    out = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            whole = param.full_tensor() if hasattr(param, "full_tensor") else param
-            if p.is_main:
-                out[name] = whole.detach().contiguous().cpu()
-    return out
-
-
-def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """This rank's shards of the trainable tensors (and optimizer state), keyed by parameter name."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    trainable = {n for n, q in model.named_parameters() if q.requires_grad}
-    state = {"model": {n: t for n, t in get_model_state_dict(model).items() if n in trainable}}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    return state
-
-
-def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Every rank writes its shards of the trainable tensors and optimizer state into `path` (a collective)."""
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(path))
-
-
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
-    """Read a save_sharded() directory back into the sharded model (and optimizer), at the same world size."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    state = _sharded_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return float(t.full_tensor() if isinstance(t, DTensor) else t)

@@ -16,6 +16,7 @@ OverfitDetector is the seed chapter's rule: warn when val - train loss exceeds `
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,3 +109,27 @@ class OverfitDetector:
         best = state["best_val_loss"]
         self.best_val_loss = float("inf") if best is None else float(best)
         self.counter = int(state["counter"])
+
+
+def stopping_decision(early: EarlyStopping | None, overfit: OverfitDetector, train_loss: float, val_loss: float,
+                      step: int) -> tuple[dict[str, Any], list[str], bool]:
+    """Feed one evaluation to both rules: (metrics to log with it, messages for the user, stop now).
+
+    train_loss: the mean since the last evaluation (NaN when there was none: the gap is not judged).
+    """
+    metrics: dict[str, Any] = {}
+    messages: list[str] = []
+    stop = False
+    report = overfit.check(train_loss, val_loss) if math.isfinite(train_loss) else None
+    if report is not None:
+        metrics.update(train_val_gap=report.gap, overfit_warning=report.overfit_warning)
+        if report.overfit_warning:
+            messages.append(f"step {step}: val loss exceeds train loss by {report.gap:.2f} nats: the model may be overfitting")
+        if report.should_stop:
+            messages.append(f"step {step}: val loss rose {report.counter} evaluations in a row: stopping (overfitting)")
+            stop = True
+    if early and early.step(val_loss):
+        messages.append(f"step {step}: no val-loss improvement above {early.threshold} in {early.patience} "
+                        "evaluations: stopping early")
+        stop = True
+    return metrics, messages, stop

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from models.generate import SamplingConfig, generate
-from train.data import Record, generation_prompt, rank_share
+from train.data import Datasets, Record, generation_prompt
 from train.distributed import Parallel, all_gather
+from train.loader import rank_share
 from train.loop import SINGLE, autocast_context, evaluate_loss
 from train.metrics import accuracy, corpus_bleu, exact_match, macro_f1, perplexity
 
@@ -33,7 +34,7 @@ def evaluate(
 ) -> dict[str, float]:
     """All metrics of `task` on the validation set, as plain floats (the same on every rank).
 
-    With several processes `val_batches` is this rank's share (train.data.eval_batches) and the
+    With several processes `val_batches` is this rank's share (train.loader.eval_batches) and the
     losses are summed over ranks. Task predictions are split over DDP ranks and gathered; a sharded
     (FSDP2) model needs every rank in every forward, so there each rank predicts every record.
     """
@@ -121,3 +122,15 @@ def generate_references(
         outs = generate(model, [ids for ids, _ in prompts], cfg, pad_id=tokenizer.pad_id)
     predictions = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
     return predictions, [ref.strip() for _, ref in prompts]
+
+
+def sample_generations(model, data: Datasets, tokenizer, device, autocast_dtype,
+                       n: int = 3) -> tuple[list[str], list[str], list[str]] | None:
+    """(prompts, greedy generations, references) of `n` records spread over the validation set (else the
+    training set), for a look at what the model does; None when no record has a prompt."""
+    pool = [r for r in (data.val_records or data.train_records) if r.shape != "text"]
+    records = pool[:: max(1, len(pool) // n)][:n]  # spread over the set, not its first few lines
+    if not records:
+        return None
+    preds, refs = generate_references(model, records, tokenizer, device, autocast_dtype, max_new_tokens=32)
+    return [r.prompt if r.shape != "chat" else r.messages[-2]["content"] for r in records], preds, refs

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from quant import QuantizedHead
+from quant.backend import import_bitsandbytes
 from train.data import PLACEHOLDER, count_target_tokens
 from train.distributed import Parallel, all_reduce_sum, gradient_sync, to_float
+from train.errors import RunError
 from train.loss import causal_lm_loss_sum
 
 SINGLE = Parallel()  # one process: no collectives
@@ -28,6 +33,24 @@ class StepResult:
     tokens: int  # target tokens in the accumulated batch
     grad_norm: float  # total gradient norm before clipping
     skipped: bool  # the loss or gradient was not finite, so no update was made
+
+
+def pick_device_and_dtype(name: str, device: torch.device | None = None) -> tuple[torch.device, torch.dtype | None]:
+    """`device`, else cuda if present, else cpu; `auto` means bf16 autocast wherever the hardware has bf16 units."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "float16":
+        raise RunError("--dtype float16 training needs loss scaling, which this trainer does not do: use bfloat16")
+    if name != "auto":
+        return device, None if name == "float32" else torch.bfloat16
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return device, torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -47,10 +70,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, name: str 
     groups = [g for g in groups if g["params"]]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    from quant.linear import import_bitsandbytes
-
     bnb = import_bitsandbytes()
-
     if name == "adamw8bit":
         return bnb.optim.AdamW8bit(groups, lr=lr)
     if name == "paged_adamw8bit":
@@ -73,8 +93,8 @@ def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
         return_hidden=True,
     )
     head = model.lm_head
-    # a 4-bit head (quant.embedding.QuantizedHead) has no dense weight: the loss reads it by slices
-    return causal_lm_loss_sum(hidden, head if hasattr(head, "rows") else head.weight, batch["labels"])
+    # a 4-bit head has no dense weight: the loss reads it by slices
+    return causal_lm_loss_sum(hidden, head if isinstance(head, QuantizedHead) else head.weight, batch["labels"])
 
 
 def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lora.lowrank import compute_dtype
 from quant.embedding import vocab_slices
 
-IGNORE = -100  # label of positions without loss (the Hugging Face convention)
+IGNORE_INDEX = -100  # label of positions without loss (the Hugging Face convention)
 CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk
 MAX_CHUNK_ROWS = 2048
 
@@ -147,7 +147,7 @@ def causal_lm_loss_sum(
     chunk = chunk or chunk_rows(head_weight.shape[0] if dense else head_weight.VOCAB_CHUNK)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), C)
     y = labels[:, 1:].reshape(-1)
-    keep = y != IGNORE
+    keep = y != IGNORE_INDEX
     if not bool(keep.all()):  # packed rows are targets almost everywhere: skip the copy then
         index = keep.nonzero().squeeze(-1)
         h, y = h.index_select(0, index), y.index_select(0, index)

@@ -7,7 +7,7 @@ and, when it will not fit, names settings that would, instead of letting the run
 The model, in bytes (p = parameters; a = compute-dtype bytes, 2 for bf16 autocast, 4 for float32):
 
     weights      trainable p x 4 (float32 masters); frozen p x a; NF4 block linears (and with
-                 --quantize-embeddings the embedding and head) p x 4.127/8
+                 --quantize-embeddings the embedding and head) quant.nf4.nf4_nbytes(p), ~p x 4.127/8
     grads        trainable p x 4
     optimizer    trainable p x 8 (AdamW: two float32 moments) or x 2 (8-bit AdamW)
     step scratch trainable p x 4 (foreach AdamW's temporaries while it steps; activations are gone then)
@@ -28,16 +28,19 @@ measures real peaks against it and states the factor the estimate is within.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from lora.inject import LoraConfig
 from models.config import ModelConfig
-from quant.embedding import QuantizedHead
+from quant.nf4 import nf4_nbytes
+from train.config import LoraSettings
+from train.errors import RunError
 from train.loss import chunk_rows
+from train.methods import METHODS
 
-NF4_BITS_PER_PARAM = 4.127  # 4-bit codes + double-quantized absmax (blocks of 64, second level of 256)
 EIGHT_BIT_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit")
 ALLOCATOR_SLACK = 0.25  # fraction of activations + logits lost to fragmentation (tests/test_memory.py)
 
@@ -46,15 +49,13 @@ ALLOCATOR_SLACK = 0.25  # fraction of activations + logits lost to fragmentation
 class Settings:
     """What the estimate depends on besides the model's shape."""
 
-    method: str  # full | lora | qlora | prefix | prompt
+    method: str  # a name in train.methods.METHODS
     batch_size: int  # rows per micro-batch
     seq_len: int  # tokens per row
     compute_bytes: int = 4  # 2 under bf16 autocast, 4 in float32
     grad_checkpointing: bool = False
     optim: str = "adamw"
-    lora_rank: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora: LoraConfig = field(default_factory=lambda: LoraSettings().adapter())  # lora, qlora: rank, dropout, targets
     virtual_tokens: int = 20
     quantize_embeddings: bool = False  # qlora: embedding and head in NF4 as well
 
@@ -89,81 +90,36 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def _linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each linear in one decoder block."""
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
-def _targets(s: Settings, names) -> list[str]:
-    if "all-linear" in s.lora_targets:
-        return list(names)
-    return [n for n in names if n in s.lora_targets]
-
-
-def param_counts(cfg: ModelConfig, s: Settings) -> tuple[int, int, int]:
-    """(trainable, frozen dense, frozen NF4) parameter counts for the method."""
-    shapes = _linear_shapes(cfg)
-    block_linear = sum(a * b for a, b in shapes.values())
-    block_other = 2 * cfg.hidden_size  # two RMSNorm weights (biases and q/k norms are negligible)
-    embed = cfg.vocab_size * cfg.hidden_size
-    outer = embed * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
-    layers = cfg.num_hidden_layers
-    total = outer + layers * (block_linear + block_other)
-    if s.method == "full":
-        return total, 0, 0
-    if s.method in ("prefix", "prompt"):
-        per_token = cfg.hidden_size * (2 * layers if s.method == "prefix" else 1)
-        return s.virtual_tokens * per_token, total, 0
-    adapters = layers * sum(s.lora_rank * (a + b) for a, b in (shapes[n] for n in _targets(s, shapes)))
-    if s.method == "qlora":
-        nf4 = layers * block_linear + (outer - cfg.hidden_size if s.quantize_embeddings else 0)
-        return adapters, total - nf4, nf4
-    return adapters, total, 0
-
-
 def activation_bytes_per_token_layer(cfg: ModelConfig, s: Settings) -> int:
-    """Bytes autograd keeps per token for one decoder block (compute dtype)."""
+    """Bytes autograd keeps per token for one decoder block (compute dtype), the method's extras included."""
     h, i = cfg.hidden_size, cfg.intermediate_size
-    d = cfg.head_dim or h // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     # two norms (input + output each), q/k/v before and after rope, attention output, SwiGLU's four
     elems = 4 * h + 3 * q + 4 * kv + 4 * i
-    if s.method in ("lora", "qlora"):
-        shapes = _linear_shapes(cfg)
-        targets = [shapes[n][0] for n in _targets(s, shapes)]
-        elems += sum(targets) + s.lora_rank * len(targets)  # each adapter's own copy of its input, and x @ A
-        if s.lora_dropout > 0:
-            return elems * s.compute_bytes + sum(targets)  # plus a one-byte dropout mask per input element
-    return elems * s.compute_bytes
+    return elems * s.compute_bytes + METHODS[s.method].activation_bytes(cfg, s)
 
 
 def estimate_peak_bytes(cfg: ModelConfig, s: Settings) -> MemoryEstimate:
     """The breakdown of the peak memory (bytes) of one training step with settings `s`."""
-    trainable, frozen, nf4 = param_counts(cfg, s)
+    method = METHODS[s.method]
+    trainable, frozen, nf4 = method.param_counts(cfg, s)
     tokens = s.batch_size * s.seq_len
     per_layer = activation_bytes_per_token_layer(cfg, s) * tokens
     residual = cfg.hidden_size * s.compute_bytes * tokens  # a block's input (kept per layer when checkpointing)
     layers = cfg.num_hidden_layers
     activations = layers * residual + per_layer if s.grad_checkpointing else layers * per_layer
     activations += 3 * residual  # embedding output, final norm, the hidden rows gathered for the loss
-    vocab = cfg.vocab_size
-    if s.method == "qlora" and s.quantize_embeddings:  # the loss reads the 4-bit head by vocabulary slices
-        vocab = min(vocab, QuantizedHead.VOCAB_CHUNK)
+    vocab = method.loss_vocab(cfg, s)
     rows = min(chunk_rows(vocab), tokens)
     # train.loss keeps one chunk alive: float32 logits, turned into their gradient in place, and that
     # gradient's copy in the compute dtype (none in float32, where .to() returns the same tensor)
     logits = rows * vocab * (4 + (s.compute_bytes if s.compute_bytes != 4 else 0))
     optim_bytes = 2 if s.optim in EIGHT_BIT_OPTIMIZERS else 8
-    matrices = sum(a * b for a, b in _linear_shapes(cfg).values()) * layers
-    autocast = matrices * 2 if s.method == "full" and s.compute_bytes == 2 else 0
     return MemoryEstimate(
-        weights=trainable * 4 + frozen * s.compute_bytes + int(nf4 * NF4_BITS_PER_PARAM / 8),
+        weights=trainable * 4 + frozen * s.compute_bytes + (nf4_nbytes(nf4) if nf4 else 0),
         grads=trainable * 4,
         optimizer=trainable * optim_bytes,
-        autocast_copies=autocast,
+        autocast_copies=method.autocast_bytes(cfg, s),
         activations=activations,
         logits=logits,
         step_scratch=trainable * 4,
@@ -198,11 +154,7 @@ def alternatives(cfg: ModelConfig, s: Settings, grad_accum: int, budget: int) ->
         if s.batch_size > 1:
             options.append((f"--grad-checkpointing --batch-size 1 --grad-accum {grad_accum * s.batch_size}",
                             replace(s, grad_checkpointing=True, batch_size=1)))
-    if s.method == "qlora" and not s.quantize_embeddings:
-        options.append(("--quantize-embeddings", replace(s, quantize_embeddings=True)))
-    if s.method in ("full", "lora"):
-        options.append(("--method qlora", replace(s, method="qlora")))
-        options.append(("--method qlora --grad-checkpointing", replace(s, method="qlora", grad_checkpointing=True)))
+    options += METHODS[s.method].lighter(s)
     fits = [(flags, estimate_peak_bytes(cfg, alt).peak) for flags, alt in options]
     return [f"{flags} (~{gib(peak)})" for flags, peak in fits if peak <= budget][:4]
 
@@ -219,13 +171,18 @@ def check_fits(cfg: ModelConfig, s: Settings, grad_accum: int, device: torch.dev
             f"{advice}")
 
 
+def refuse_if_too_big(cfg: ModelConfig, s: Settings, grad_accum: int, device: torch.device) -> None:
+    """The safety valve: RunError (check_fits' message) when the estimated peak exceeds the free memory."""
+    problem = check_fits(cfg, s, grad_accum, device)
+    if problem:
+        raise RunError(problem)
+
+
 def settings_from(cfg, compute_dtype: torch.dtype | None) -> Settings:
     """Settings of a TrainConfig (`cfg`) run computing in `compute_dtype` (None: float32)."""
     return Settings(
         method=cfg.run.method, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
         compute_bytes=4 if compute_dtype in (None, torch.float32) else 2,
-        grad_checkpointing=cfg.run.grad_checkpointing, optim=cfg.optim.optim, lora_rank=cfg.lora.rank,
-        lora_dropout=cfg.lora.dropout,
-        lora_targets=tuple(cfg.lora.target_modules), virtual_tokens=cfg.prompt.num_virtual_tokens,
-        quantize_embeddings=cfg.lora.quantize_embeddings,
+        grad_checkpointing=cfg.run.grad_checkpointing, optim=cfg.optim.optim, lora=cfg.lora.adapter(),
+        virtual_tokens=cfg.prompt.num_virtual_tokens, quantize_embeddings=cfg.lora.quantize_embeddings,
     )

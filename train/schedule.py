@@ -11,7 +11,8 @@ step runs at lr 0. Warmup from a ratio is ceil(ratio * total_steps), as in Train
 from __future__ import annotations
 
 import math
-from typing import Callable
+import warnings
+from typing import Any, Callable
 
 import torch
 
@@ -67,3 +68,20 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over every param group (each keeps its own peak lr). Its state_dict() resumes exactly."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, schedule, warmup_steps))
+
+
+def restore_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[str, Any], step: int) -> None:
+    """Put a fresh scheduler (and its optimizer's lr) where it was after `step` steps.
+
+    state: its state_dict() from a checkpoint; empty for checkpoints that did not save it, whose
+    schedule is then replayed step by step (a pure function of the step count, so exact).
+    """
+    if state:
+        scheduler.load_state_dict(state)
+    else:
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore")
+            for _ in range(step):
+                scheduler.step()
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr

@@ -10,8 +10,8 @@ Both learn N "virtual tokens" and nothing else; they differ in where the tokens 
   k-norm: they are the cached keys themselves) and, as in PEFT, the real tokens' positions start at
   N, as if the prefix had occupied positions 0..N-1.
 
-`attach(model, module)` sets `model.virtual_tokens`; `Decoder.forward` then calls its `extend` before
-the blocks. Callers keep passing attention_mask [B,S] and position_ids [B,T] for the real tokens
+`attach(model, module)` sets `model.virtual_tokens`, the decoder's one adapter hook
+(models.decoder.VirtualTokens); `Decoder.forward` then calls its `extend` before the blocks. Callers keep passing attention_mask [B,S] and position_ids [B,T] for the real tokens
 only (positions counted from 0): `extend` adds what the virtual tokens need, so the training loop,
 evaluation and generation run unchanged. Outputs come back for the real tokens only.
 
@@ -21,26 +21,14 @@ K kv heads, D head width, C hidden width.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.decoder import Decoder, KVCache
+from models.decoder import Decoder, Extended, KVCache
 
 KV = tuple[torch.Tensor, torch.Tensor]
-
-
-class Extended(NamedTuple):
-    """What Decoder.forward runs the blocks on once the virtual tokens are in."""
-
-    x: torch.Tensor  # [B,T',C] input embeddings (T' = N + T on prompt tuning's first call)
-    attention_mask: torch.Tensor | None  # [B,S] covering the virtual tokens too, or None
-    position_ids: torch.Tensor | None  # [B,T'], or None for the decoder's default
-    past: int  # key positions before x: the cache length, or N for an uncached prefix
-    prefix: list[KV] | None  # per layer (keys, values) [B,K,N,D] when they are not in a cache
-    drop: int  # leading outputs that belong to virtual tokens, cut before the head
 
 
 def _mask_with_virtual(attention_mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -156,12 +144,6 @@ VirtualTokens = PromptEmbedding | PrefixEncoder
 def attach(model: Decoder, module: VirtualTokens) -> VirtualTokens:
     """Freeze `model`, give it `module` (trainable, float32, on the model's device) as its virtual tokens."""
     model.requires_grad_(False)
-    device = model.model.embed_tokens.weight.device
+    device = model.model.norm.weight.device
     model.virtual_tokens = module.to(device=device, dtype=torch.float32).requires_grad_(True)
     return model.virtual_tokens
-
-
-def cache_slots(model: nn.Module) -> int:
-    """Extra KV-cache positions generation must allocate for the model's virtual tokens."""
-    virtual = getattr(model, "virtual_tokens", None)
-    return virtual.num_virtual_tokens if virtual is not None else 0

@@ -6,7 +6,7 @@ A directory holds:
   num_attention_heads, num_transformer_submodules 1, ...). For prefix tuning on a grouped-query
   model PEFT sets token_dim = K·D and num_attention_heads = K (the kv heads), not the query heads.
 - adapter_model.safetensors: one tensor `prompt_embeddings`, [N, C] for prompt tuning and
-  [N, L·2·K·D] for prefix tuning (layout in models/virtual_tokens.PrefixEncoder).
+  [N, L·2·K·D] for prefix tuning (layout in prompt.virtual_tokens.PrefixEncoder).
 
 A prefix trained through the reparameterisation MLP is saved folded (prefix_projection false), which
 is also what PEFT saves as the tensor. Only safetensors are read; nothing is ever unpickled.
@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from models.decoder import Decoder
 from models.files import atomic_write, read_json_object
 from models.hub import CheckpointError
-from models.virtual_tokens import PrefixEncoder, PromptEmbedding, VirtualTokens, attach
+from prompt.virtual_tokens import PrefixEncoder, PromptEmbedding, VirtualTokens, attach
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -1,35 +1,27 @@
-"""The embedded default for the demo: data, tokenizer and model shape, made on this machine.
+"""The demo's data: the Python standard library's own docstrings, read on this machine.
 
-Nothing is downloaded. The text is the Python standard library's own docstrings, read at run time
-with `inspect` from a fixed list of modules, so every Python install has it:
+Nothing is downloaded: the text is read at run time with `inspect` from a fixed list of modules, so
+every Python install has it.
 
 - demo_corpus(): the fine-tuning task, {"prompt": "<module>.<name><signature>", "completion":
   "<first sentence of its docstring>"} for public functions, classes and methods;
 - demo_text_corpus(): prose paragraphs from the same docstrings, to pretrain a tiny base model
-  until it writes English-like text;
-- build_demo_tokenizer(): a byte-level BPE (DEMO_VOCAB_SIZE ids) trained on that prose, written as
-  tokenizer.json + tokenizer_config.json + special_tokens_map.json, loadable by
-  models.tokenizer.load_tokenizer and by transformers.AutoTokenizer alike;
-- DEMO_MODEL_CONFIG: the tiny Llama's config.json, and demo_cache_dir(): where the built base goes.
+  until it writes English-like text (demo.base).
 
 Both corpora are a pure function of the Python version (docstrings and signatures change between
 releases, and os.path is posixpath or ntpath): sorted, ASCII only, whitespace normalised, no
-object addresses. Building and caching the base model lives in train.demo.
+object addresses.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
-import json
-import os
 import re
 import sys
+import sysconfig
 import textwrap
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterator
-
-PROJECT_NAME = "ftkit"
 
 # Pure-library modules that import without side effects (or deprecation warnings) on the platforms
 # CPython supports; one missing from a stripped-down build is skipped.
@@ -52,44 +44,6 @@ DEMO_MODULES = (
     "xml.sax.handler", "xmlrpc.client", "zipapp", "zipfile", "zlib", "zoneinfo",
 )
 
-# Byte-level BPE settings. Ids 0-4 are the special tokens, in this order.
-DEMO_VOCAB_SIZE = 2048
-PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-DEMO_SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IM_START, IM_END)
-# ChatML, opened by BOS so that transformers' apply_chat_template(tokenize=True) has it too;
-# models.tokenizer never adds a second one.
-DEMO_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-DEMO_MODEL_CONFIG: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": DEMO_VOCAB_SIZE,
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "hidden_act": "silu",
-    "max_position_embeddings": 512,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "attention_bias": False,
-    "mlp_bias": False,
-    "tie_word_embeddings": True,
-    "initializer_range": 0.02,
-    "bos_token_id": DEMO_SPECIAL_TOKENS.index(BOS_TOKEN),
-    "eos_token_id": DEMO_SPECIAL_TOKENS.index(EOS_TOKEN),
-    "pad_token_id": DEMO_SPECIAL_TOKENS.index(PAD_TOKEN),
-    "torch_dtype": "float32",
-}
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")  # reprs like <object at 0x7f...> differ between processes
 _ABSOLUTE_PATH = re.compile(r"'(/[^'/]+/[^']*|[A-Za-z]:\\[^']*)'")  # a default naming a file on this machine
@@ -97,13 +51,8 @@ _SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]'\"`][.!?])\s+(?=[A-Z(`'\"])")
 MIN_COMPLETION, MAX_COMPLETION = 12, 160
 MAX_PROMPT = 120
 MIN_PARAGRAPH, MAX_PARAGRAPH = 30, 2000
-_HOST_REPLACED = {"warnings.showwarning", "warnings.formatwarning"}  # hooks a host program may swap
-
-
-def demo_cache_dir() -> Path:
-    """Where demo artefacts live: $FT_DEMO_CACHE, else ~/.cache/ftkit/demo."""
-    env = os.environ.get("FT_DEMO_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / PROJECT_NAME / "demo"
+# Functions a host program may swap: warnings' hooks, and inspect.getfile, which importing torch replaces.
+_HOST_REPLACED = {"warnings.showwarning", "warnings.formatwarning", "inspect.getfile"}
 
 
 # --- walking the standard library ----------------------------------------------------------------
@@ -165,8 +114,6 @@ def _documented_objects() -> Iterator[tuple[str, Any]]:
 @lru_cache(maxsize=1)
 def _environment_strings() -> tuple[str, ...]:
     """Values some defaults are computed from at import time (platform.architecture's executable=...)."""
-    import sysconfig
-
     values = {sys.executable, sys.prefix, sys.base_prefix, sys.exec_prefix, sysconfig.get_default_scheme()}
     return tuple(sorted(repr(v) for v in values if v and len(v) > 1))
 
@@ -287,51 +234,3 @@ def _demo_text_corpus() -> tuple[str, ...]:
 def demo_text_corpus() -> list[str]:
     """Prose paragraphs of the same docstrings, in walk order, each once: pretraining text."""
     return list(_demo_text_corpus())
-
-
-# --- the tokenizer --------------------------------------------------------------------------------
-def _train_tokenizer():
-    """A byte-level BPE on demo_text_corpus(); deterministic for a given corpus and tokenizers version."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=DEMO_VOCAB_SIZE, special_tokens=list(DEMO_SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(demo_text_corpus(), trainer)
-    bos_id = DEMO_SPECIAL_TOKENS.index(BOS_TOKEN)
-    # Llama 3's layout: the post-processor prepends BOS, and tokenizer_config says so too.
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1",
-                                      special_tokens=[(BOS_TOKEN, bos_id)]),
-    ])
-    return tok
-
-
-def _tokenizer_config() -> dict[str, Any]:
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": PAD_TOKEN,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": DEMO_MODEL_CONFIG["max_position_embeddings"],
-        "additional_special_tokens": [IM_START, IM_END],
-        "chat_template": DEMO_CHAT_TEMPLATE,
-    }
-
-
-def build_demo_tokenizer(out_dir: str | os.PathLike) -> Path:
-    """Train the demo tokenizer and write tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _train_tokenizer().save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2) + "\n")
-    special_map = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
-                   "additional_special_tokens": [IM_START, IM_END]}
-    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
-    return out

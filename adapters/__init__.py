@@ -1,0 +1,8 @@
+"""Adapter directories of every kind (LoRA, prompt and prefix tuning; ours or PEFT's) put on a model.
+
+    from adapters import attach, load_adapted
+    adapted = load_adapted("Qwen/Qwen2.5-0.5B", "runs/qlora/adapter")
+"""
+from adapters.load import Adapted, Adapter, adapter_kind, attach, load_adapted
+
+__all__ = ["Adapted", "Adapter", "adapter_kind", "attach", "load_adapted"]
