@@ -51,7 +51,9 @@ def peft_config_dict(model: Decoder, module: VirtualTokens, base: str | None, in
         return {"peft_type": "PREFIX_TUNING", **common, "token_dim": token_dim,
                 "num_attention_heads": c.num_key_value_heads, "encoder_hidden_size": token_dim,
                 "prefix_projection": False}
-    text = init_text is not None and base is not None  # PEFT's TEXT init requires a tokenizer path
+    # PEFT rebuilds a TEXT init with AutoTokenizer from the base (then loads the weights over it): say TEXT
+    # only where it can (a directory or hub id, not a GGUF file), RANDOM otherwise.
+    text = bool(init_text) and base is not None and not base.endswith(".gguf")
     return {"peft_type": "PROMPT_TUNING", **common, "token_dim": c.hidden_size,
             "num_attention_heads": c.num_attention_heads,
             "prompt_tuning_init": "TEXT" if text else "RANDOM",

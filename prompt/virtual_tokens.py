@@ -43,6 +43,13 @@ def _shift(position_ids: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return None if position_ids is None else position_ids + n
 
 
+def fit_tokens(token_ids: list[int], n: int) -> list[int]:
+    """`token_ids` repeated and truncated to exactly n ids (PEFT's rule for its TEXT init)."""
+    if not token_ids:
+        raise ValueError("the init text encodes to no tokens")
+    return (token_ids * math.ceil(n / len(token_ids)))[:n]
+
+
 def _no_packing(doc_ids: torch.Tensor | None) -> None:
     if doc_ids is not None:
         raise ValueError("virtual tokens do not support packed rows (doc_ids): train without --pack")
@@ -58,13 +65,11 @@ class PromptEmbedding(nn.Module):
         nn.init.normal_(self.embedding)  # PEFT's RANDOM init: nn.Embedding's N(0, 1)
 
     @torch.no_grad()
-    def init_from_tokens(self, word_embeddings: nn.Embedding, token_ids: list[int]) -> None:
-        """PEFT's TEXT init: the embeddings of `token_ids` repeated and truncated to N rows."""
-        if not token_ids:
-            raise ValueError("the prompt init text encodes to no tokens")
-        n = self.num_virtual_tokens
-        ids = (token_ids * math.ceil(n / len(token_ids)))[:n]
-        index = torch.tensor(ids, device=word_embeddings.weight.device)
+    def init_from_tokens(self, word_embeddings: nn.Module, token_ids: list[int]) -> None:
+        """PEFT's TEXT init: the embeddings of `token_ids` repeated and truncated to N rows, so the model
+        starts out as if it read those tokens before every input (the prompt-tuning paper's advice over a
+        random start)."""
+        index = torch.tensor(fit_tokens(token_ids, self.num_virtual_tokens), device=self.embedding.device)
         self.embedding.copy_(word_embeddings(index).float())
 
     def peft_tensor(self) -> torch.Tensor:
@@ -108,6 +113,23 @@ class PrefixEncoder(nn.Module):
             self.transform = nn.Sequential(
                 nn.Linear(token_dim, projection_hidden), nn.Tanh(), nn.Linear(projection_hidden, width)
             )
+
+    @torch.no_grad()
+    def init_from_text(self, model: Decoder, token_ids: list[int]) -> None:
+        """The prefix-tuning paper's init: the keys and values the frozen `model` computes for `token_ids`
+        (repeated and truncated to N), so the prefixed model starts out exactly as the base reading those
+        tokens first (they were computed at positions 0..N-1, where the real tokens' positions start at N).
+        Random N(0,1) keys and values, PEFT's default, are activations no attention layer has seen.
+        """
+        if self.transform is not None:
+            raise ValueError("a prefix trained through --prefix-projection starts random: its rows come from the MLP")
+        n = self.num_virtual_tokens
+        ids = torch.tensor([fit_tokens(token_ids, n)], device=model.model.norm.weight.device)
+        cache = KVCache.empty(model.config, 1, n, model.embedding_dtype, ids.device)
+        model(ids, cache=cache)
+        per_layer = [torch.stack([k[0], v[0]]) for k, v in zip(cache.keys, cache.values)]  # each (2, K, N, D)
+        rows = torch.stack(per_layer).permute(3, 0, 1, 2, 4)  # (N, L, 2, K, D): the layout of key_values
+        self.embedding.copy_(rows.reshape(n, -1).float())
 
     def peft_tensor(self) -> torch.Tensor:
         """The flat prefix [N, L·2·K·D] (MLP folded in), as PEFT saves `prompt_embeddings`."""

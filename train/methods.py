@@ -236,7 +236,13 @@ class PrefixTuning(VirtualTokenMethod):
         return 2 * config.num_hidden_layers * config.hidden_size
 
     def virtual_tokens(self, cfg, model, model_path) -> nn.Module:
-        return PrefixEncoder(cfg.prompt.num_virtual_tokens, model.config, cfg.prompt.prefix_projection)
+        """The keys and values the base computes for --prefix-init-text; PEFT's random N(0,1) when it is
+        empty or the prefix goes through --prefix-projection's MLP."""
+        s = cfg.prompt
+        module = PrefixEncoder(s.num_virtual_tokens, model.config, s.prefix_projection)
+        if s.prefix_init_text and not s.prefix_projection:
+            _init(module.init_from_text, model, load_tokenizer(model_path).encode(s.prefix_init_text), "prefix")
+        return module
 
 
 class PromptTuning(VirtualTokenMethod):
@@ -246,15 +252,20 @@ class PromptTuning(VirtualTokenMethod):
         return config.hidden_size
 
     def virtual_tokens(self, cfg, model, model_path) -> nn.Module:
-        """PEFT's RANDOM init, or its TEXT init from --prompt-init-text."""
+        """PEFT's TEXT init from --prompt-init-text; its RANDOM one when that is empty."""
         module = PromptEmbedding(cfg.prompt.num_virtual_tokens, model.config.hidden_size)
-        if cfg.prompt.prompt_init_text is not None:
+        if cfg.prompt.prompt_init_text:
             ids = load_tokenizer(model_path).encode(cfg.prompt.prompt_init_text)
-            try:
-                module.init_from_tokens(model.model.embed_tokens, ids)
-            except ValueError as err:
-                raise ConfigError(str(err), field="prompt.prompt_init_text") from None
+            _init(module.init_from_tokens, model.model.embed_tokens, ids, "prompt")
         return module
+
+
+def _init(init, source: nn.Module, token_ids: list[int], which: str) -> None:
+    """Run a virtual-token init from text; an init text that encodes to nothing is a ConfigError."""
+    try:
+        init(source, token_ids)
+    except ValueError as err:
+        raise ConfigError(f"--{which}-init-text: {err}", field=f"prompt.{which}_init_text") from None
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (FullFineTuning(), LoRA(), QLoRA(), PrefixTuning(), PromptTuning())}
