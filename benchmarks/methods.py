@@ -38,7 +38,7 @@ SEQ, BATCH = 128, 4
 
 def build_model(out_dir: Path) -> Path:
     """A random Llama of MODEL's shape with the demo tokenizer, saved in Hugging Face format."""
-    from demo.base import DEMO_MODEL_CONFIG, build_demo_tokenizer
+    from demo.tiny import DEMO_MODEL_CONFIG, build_demo_tokenizer
     from models.checkpoint import save_pretrained
     from models.config import ModelConfig
     from models.decoder import Decoder
@@ -57,10 +57,9 @@ def build_model(out_dir: Path) -> Path:
 
 
 def build_data(path: Path, n: int = 512) -> Path:
-    from demo.base import ensure_demo_data
+    from demo.corpus import demo_corpus
 
-    lines = ensure_demo_data().read_text().splitlines()[:n]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo_corpus()[:n]))
     return path
 
 

@@ -385,7 +385,7 @@ profiling runs (quick shape, 2 x 512 unless stated), not from the JSON files.
    loss with a running logsumexp, then a second pass for softmax − onehot), so the dense table never exists. Equal to
    the dense model holding the NF4 round trip of the table (logits 1e-5, adapter gradients 1e-4 relative:
    tests/test_quantized_embeddings.py). Cost at 0.5B, 1 x 256: one more head matmul per step: 209 → 198 tokens/s (vs_hf_qwen05b).
-11. **Loading in another dtype** (`models/checkpoint.read_tensor`): a float32 checkpoint read into bf16 held both whole
+11. **Loading in another dtype** (`models/safetensors_io.read_tensor`): a float32 checkpoint read into bf16 held both whole
    copies of each tensor (544 + 272 MiB for the 0.5B embedding); it now converts through a 16 MiB staging buffer.
    QLoRA's load peak at 0.5B: 855 → 581 MiB (vs_hf_qwen05b).
 

@@ -88,7 +88,7 @@ def build_model(out_dir: Path, shape: dict) -> Path:
 
 
 def _base_config() -> dict:
-    from demo.base import DEMO_MODEL_CONFIG
+    from demo.tiny import DEMO_MODEL_CONFIG
 
     return dict(DEMO_MODEL_CONFIG)
 

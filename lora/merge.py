@@ -29,16 +29,57 @@ import torch
 
 from lora.adapter_io import load_adapter, read_adapter_config
 from lora.inject import unload
-from models.checkpoint import load_pretrained, save_pretrained
-from models.config import ModelConfig, dtype_from_name
+from models.checkpoint import Loaded, load_checkpoint, load_config, save_pretrained
+from models.config import dtype_from_name
 from models.hub import CheckpointError, resolve_model_dir
-from models.weight_format import read_record
+from models.weight_format import WeightFormat, read_record
 
 INTO = ("original", "quantized")
 
 
 class UsageError(Exception):
     """A bad command line or bad input: reported as one line, exit status 2."""
+
+
+def merged_model(
+    base: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    into: str | None = None,
+) -> Loaded:
+    """Load `base`, add the LoRA adapter in `adapter_dir` and merge it: the plain model, in memory.
+
+    into: "original" or "quantized" (None: "quantized" if the adapter was trained on a 4-bit base).
+    dtype: dtype of the result (None: the base checkpoint's). Returns Loaded: the merged model, the base
+    directory (whose tokenizer files go with it) and format.dtype, the dtype to store it in.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise CheckpointError(f"{adapter_dir}: no such adapter directory")
+    read_adapter_config(adapter_dir)  # refuse a bad or non-LoRA adapter before loading the base
+    trained_on = read_record(adapter_dir)  # None for an adapter made elsewhere
+    into = into or ("quantized" if trained_on and trained_on.quantize else "original")
+    if into not in INTO:
+        raise UsageError(f"--into must be one of {', '.join(INTO)}, got {into!r}")
+    if into == "quantized":
+        # Quantize from the dtype training loaded the base in, so the 4-bit weights are the trained-against
+        # ones bit for bit; float32 compute: the merged weight is dequantize(W) + delta, rounded once to `stored`.
+        loaded = load_checkpoint(base, dtype=trained_on.dtype if trained_on else None, quantize="nf4",
+                                 compute_dtype=torch.float32,
+                                 quantize_embeddings=bool(trained_on and trained_on.quantize_embeddings))
+        stored = dtype_from_name(dtype) or _checkpoint_dtype(loaded.directory)
+    else:
+        # Merging rounds (W + delta) computed in float32 once to the weight dtype, so load in `stored` directly.
+        loaded = load_checkpoint(base, dtype=dtype)
+        stored = loaded.format.dtype
+    load_adapter(loaded.model, adapter_dir)
+    unload(loaded.model, merge=True)
+    return Loaded(loaded.model, loaded.directory, WeightFormat(stored))
+
+
+def _checkpoint_dtype(location: Path) -> torch.dtype:
+    """The dtype a checkpoint (directory or .gguf file) stores its weights in, float32 if it says none."""
+    return dtype_from_name(load_config(location).torch_dtype) or torch.float32
 
 
 def merge_adapter(
@@ -53,31 +94,11 @@ def merge_adapter(
     into: "original" or "quantized" (None: "quantized" if the adapter was trained on a 4-bit base).
     dtype: stored dtype of the result (None: the base checkpoint's).
     """
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise CheckpointError(f"{adapter_dir}: no such adapter directory")
-    read_adapter_config(adapter_dir)  # refuse a bad or non-LoRA adapter before loading the base
-    trained_on = read_record(adapter_dir)  # None for an adapter made elsewhere
-    into = into or ("quantized" if trained_on and trained_on.quantize else "original")
-    if into not in INTO:
-        raise UsageError(f"--into must be one of {', '.join(INTO)}, got {into!r}")
-    base_dir = resolve_model_dir(base)
     out = Path(output)
-    if out.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
+    if out.resolve() in (resolve_model_dir(base).resolve(), Path(adapter_dir).resolve()):
         raise UsageError(f"--output {out} would overwrite the base model or the adapter: choose another directory")
-    stored = dtype_from_name(dtype) or dtype_from_name(ModelConfig.from_file(base_dir / "config.json").torch_dtype) or torch.float32
-    if into == "quantized":
-        # Quantize from the dtype training loaded the base in, so the 4-bit weights are the trained-against
-        # ones bit for bit; float32 compute: the merged weight is dequantize(W) + delta, rounded once to `stored`.
-        model = load_pretrained(base_dir, dtype=trained_on.dtype if trained_on else None, quantize="nf4",
-                                compute_dtype=torch.float32,
-                                quantize_embeddings=bool(trained_on and trained_on.quantize_embeddings))
-    else:
-        # Merging rounds (W + delta) computed in float32 once to the weight dtype, so load in `stored` directly.
-        model = load_pretrained(base_dir, dtype=stored)
-    load_adapter(model, adapter_dir)
-    unload(model, merge=True)
-    return save_pretrained(model, out, dtype=stored, tokenizer_dir=base_dir)
+    merged = merged_model(base, adapter_dir, dtype, into)
+    return save_pretrained(merged.model, out, dtype=merged.format.dtype, tokenizer_dir=merged.directory)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""load_pretrained / save_pretrained: Hugging Face checkpoints in safetensors, single or sharded.
+"""load_pretrained / save_pretrained: Hugging Face checkpoints in safetensors, single or sharded, and
+GGUF files (models.gguf: read through the same path, each tensor dequantized as it is read).
 
 Loading builds the model on the meta device (no memory), then reads each tensor from disk straight
 into its final dtype and device, one at a time. Tensors are read with plain file reads rather than
@@ -18,12 +19,11 @@ import ctypes
 import json
 import os
 import shutil
-import struct
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -32,22 +32,13 @@ from torch import nn
 from models.config import ModelConfig, dtype_from_name
 from models.decoder import Decoder, rope_inv_freq
 from models.files import atomic_write
+from models.gguf import GGUFTensors, gguf_config, is_gguf, read_gguf
+from models.gguf_tokenizer import write_hf_tokenizer
 from models.hub import CheckpointError, resolve_model_dir
+from models.safetensors_io import SafetensorsSource
 from models.weight_format import WeightFormat
 from quant import NF4Embedding, NF4Linear, NF4Weights, QuantizedHead
 
-SAFETENSORS_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -61,115 +52,11 @@ QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 @dataclass
-class TensorEntry:
-    """Where one tensor lives: file, byte range of its data, dtype and shape."""
-
-    file: Path
-    start: int
-    end: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse a .safetensors header and check every tensor's byte range lies inside the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise CheckpointError(f"{path}: corrupt safetensors header (length {n} exceeds the file)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
-    entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            start, end = (8 + n + int(o) for o in info["data_offsets"])
-            shape = tuple(int(s) for s in info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end}, file has {size}")
-        if end - start != nbytes:
-            raise CheckpointError(f"{path}: corrupt: tensor {name!r} has {end - start} bytes, shape needs {nbytes}")
-        entries[name] = TensorEntry(path, start, end, dtype, shape)
-    return entries
-
-
-def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
-    """Tensor name -> entry across all shards (`model.safetensors` or the sharded index)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
-        files = sorted(set(weight_map.values()))
-    elif (model_dir / "model.safetensors").is_file():
-        weight_map, files = None, ["model.safetensors"]
-    else:
-        others = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
-        hint = f" (found {', '.join(others)}: pickle formats are never loaded; convert to safetensors)" if others else ""
-        raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
-    entries: dict[str, TensorEntry] = {}
-    for name in files:
-        path = model_dir / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: shard listed in the index is missing")
-        entries.update(read_safetensors_header(path))
-    if weight_map is not None:
-        missing = sorted(set(weight_map) - set(entries))
-        if missing:
-            raise CheckpointError(f"{index}: tensor {missing[0]!r} is listed but absent from {weight_map[missing[0]]}")
-    return entries
-
-
-READ_CHUNK_BYTES = 16 * 2**20  # staging buffer when a tensor changes dtype while read
-
-
-def read_tensor(f: BinaryIO, entry: TensorEntry, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Read one tensor from an open file into a new tensor of `dtype` on `device`.
-
-    A tensor stored in another dtype is converted piece by piece on the CPU, so reading a float32
-    embedding into bfloat16 peaks at the bfloat16 tensor plus 16 MiB, not at both whole copies.
-    """
-    f.seek(entry.start)
-    if entry.dtype == dtype or device.type != "cpu":
-        out = torch.empty(entry.shape, dtype=entry.dtype)
-        _read_into(f, out.reshape(-1), entry)
-        return out.to(device=device, dtype=dtype)
-    out = torch.empty(entry.shape, dtype=dtype)
-    flat = out.reshape(-1)
-    step = max(1, READ_CHUNK_BYTES // entry.dtype.itemsize)
-    staging = torch.empty(min(step, flat.numel()), dtype=entry.dtype)
-    for start in range(0, flat.numel(), step):
-        piece = staging[: min(step, flat.numel() - start)]
-        _read_into(f, piece, entry)
-        flat[start : start + piece.numel()] = piece
-    return out
-
-
-def _read_into(f: BinaryIO, flat: torch.Tensor, entry: TensorEntry) -> None:
-    """Fill the contiguous 1-D tensor `flat` with the next bytes of `f`."""
-    buf = flat.view(torch.uint8).numpy() if flat.numel() else bytearray()
-    if f.readinto(memoryview(buf)) != len(buf):
-        raise CheckpointError(f"{entry.file}: truncated while reading a tensor")
-
-
-@dataclass
 class Loaded:
     """What `load_checkpoint` learned besides the model: where it read it from and how it holds it."""
 
     model: Decoder
-    directory: Path  # the checkpoint directory (its tokenizer files go with anything saved from the model)
+    directory: Path  # the checkpoint directory or .gguf file (its tokenizer goes with anything saved from the model)
     format: WeightFormat  # dtype and quantization, resolved: loads the same base again
 
 
@@ -193,17 +80,20 @@ def load_checkpoint(
     compute_dtype: torch.dtype | None = None,
     quantize_embeddings: bool = False,
 ) -> Loaded:
-    """Load a llama / mistral / qwen2 / qwen3 checkpoint: the model (eval mode), its directory and format.
+    """Load a llama / mistral / qwen2 / qwen3 checkpoint: the model (eval mode), its location and format.
 
-    dtype: weights' dtype (default: the dtype the checkpoint was saved in, else float32).
+    path_or_hub_id: a Hugging Face checkpoint directory, a hub id, or a `.gguf` file (dequantized
+    from llama.cpp's formats as it is read; `Loaded.directory` is then the file).
+    dtype: weights' dtype (default: the dtype the checkpoint was saved in, else float32; a quantized
+    GGUF file gives float32, its blocks' dequantized values exactly).
     device: "meta" gives the skeleton only (checked against the files, nothing read), for a sharded
     model that is filled from another process later.
     quantize: None or "nf4" (decoder-block linears become frozen 4-bit `NF4Linear`s computing in
     `compute_dtype`, default bfloat16). quantize_embeddings (with quantize="nf4"): the token embedding
     and the output head become 4-bit too (quant.embedding; tied, they stay one module).
     """
-    model_dir = resolve_model_dir(path_or_hub_id)
-    config = ModelConfig.from_file(model_dir / "config.json")
+    location = resolve_model_dir(path_or_hub_id)
+    config = load_config(location)
     dtype = dtype_from_name(dtype) or dtype_from_name(config.torch_dtype) or torch.float32
     device = torch.device(device or "cpu")
     if quantize not in (None, "nf4"):
@@ -211,26 +101,38 @@ def load_checkpoint(
     if quantize_embeddings and not quantize:
         raise ValueError("quantize_embeddings needs quantize='nf4'")
     compute_dtype = (compute_dtype or torch.bfloat16) if quantize else None
-    entries = index_checkpoint(model_dir)
     with torch.device("meta"):
         model = Decoder(config)
     expected = expected_tensors(model)
-    _check_names(model_dir, entries, expected)
-    if device.type == "meta":
-        if quantize:
-            raise ValueError("quantize needs the weights: it cannot load onto the meta device")
-        model.to(dtype)
-    else:
-        with freed_memory_returned():
-            _read_weights(model, entries, expected, dtype, device, quantize, compute_dtype, quantize_embeddings)
-        materialize_buffers(model, device)
+    with _tensor_source(location, config) as source:
+        _check_names(source, expected)
+        if device.type == "meta":
+            if quantize:
+                raise ValueError("quantize needs the weights: it cannot load onto the meta device")
+            model.to(dtype)
+        else:
+            with freed_memory_returned():
+                _read_weights(model, source, expected, dtype, device, quantize, compute_dtype, quantize_embeddings)
+            materialize_buffers(model, device)
     model.tie_weights()
-    return Loaded(model.eval(), model_dir, WeightFormat(dtype, quantize, compute_dtype, quantize_embeddings))
+    return Loaded(model.eval(), location, WeightFormat(dtype, quantize, compute_dtype, quantize_embeddings))
+
+
+def load_config(path_or_hub_id: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory, hub id or `.gguf` file, without reading any weights."""
+    location = resolve_model_dir(path_or_hub_id)
+    return gguf_config(location) if is_gguf(location) else ModelConfig.from_file(location / "config.json")
+
+
+def _tensor_source(location: Path, config: ModelConfig) -> SafetensorsSource | GGUFTensors:
+    if is_gguf(location):
+        return GGUFTensors(read_gguf(location), config.num_attention_heads, config.num_key_value_heads)
+    return SafetensorsSource(location)
 
 
 def _read_weights(
     model: Decoder,
-    entries: dict[str, TensorEntry],
+    source: SafetensorsSource | GGUFTensors,
     expected: dict[str, torch.Tensor],
     dtype: torch.dtype,
     device: torch.device,
@@ -240,28 +142,22 @@ def _read_weights(
 ) -> None:
     """Fill the meta model module by module; quantize a block linear (and with quantize_embeddings the
     embedding and an untied head) as soon as its tensors are read."""
-    handles: dict[Path, BinaryIO] = {}
-    try:
-        for module_name, module in _leaf_modules(model):
-            tensors = {}
-            for name in (n for n in expected if n.rpartition(".")[0] == module_name):
-                entry = entries[name]
-                if entry.shape != tuple(expected[name].shape):
-                    raise CheckpointError(
-                        f"{entry.file}: tensor {name!r} has shape {list(entry.shape)}, the config needs {list(expected[name].shape)}"
-                    )
-                f = handles.get(entry.file) or handles.setdefault(entry.file, open(entry.file, "rb"))
-                tensors[name.rpartition(".")[2]] = read_tensor(f, entry, dtype, device)
-            if quantize and _is_quantizable(module_name, module):
-                _swap_in_nf4(model, module_name, tensors, compute_dtype)
-            elif quantize_embeddings and module_name in ("model.embed_tokens", "lm_head") and tensors:
-                _swap_in_nf4_rows(model, module_name, tensors.pop("weight"), compute_dtype)
-            else:
-                for pname, value in tensors.items():
-                    setattr(module, pname, nn.Parameter(value))
-    finally:
-        for f in handles.values():
-            f.close()
+    for module_name, module in _leaf_modules(model):
+        tensors = {}
+        for name in (n for n in expected if n.rpartition(".")[0] == module_name):
+            shape, needed = source.shape(name), tuple(expected[name].shape)
+            if shape != needed:
+                raise CheckpointError(
+                    f"{source.file_of(name)}: tensor {name!r} has shape {list(shape)}, the config needs {list(needed)}"
+                )
+            tensors[name.rpartition(".")[2]] = source.read(name, dtype, device)
+        if quantize and _is_quantizable(module_name, module):
+            _swap_in_nf4(model, module_name, tensors, compute_dtype)
+        elif quantize_embeddings and module_name in ("model.embed_tokens", "lm_head") and tensors:
+            _swap_in_nf4_rows(model, module_name, tensors.pop("weight"), compute_dtype)
+        else:
+            for pname, value in tensors.items():
+                setattr(module, pname, nn.Parameter(value))
 
 
 @contextlib.contextmanager
@@ -304,17 +200,17 @@ def expected_tensors(model: Decoder) -> dict[str, torch.Tensor]:
     return {n: p for n, p in names.items() if not (model.config.tie_word_embeddings and n == "lm_head.weight")}
 
 
-def _check_names(model_dir: Path, entries: dict[str, TensorEntry], expected: dict[str, torch.Tensor]) -> None:
-    missing = [n for n in expected if n not in entries]
+def _check_names(source: SafetensorsSource | GGUFTensors, expected: dict[str, torch.Tensor]) -> None:
+    present = set(source.names())
+    missing = [n for n in expected if n not in present]
     if missing:
-        where = "model.safetensors.index.json" if (model_dir / "model.safetensors.index.json").exists() else "model.safetensors"
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{model_dir / where}: missing tensor {missing[0]!r}{more}")
+        raise CheckpointError(f"{source.where}: missing tensor {missing[0]!r}{more}")
     # A tied checkpoint may still carry lm_head.weight, and old ones their rotary buffers: harmless.
     benign = ("lm_head.weight", "rotary_emb.inv_freq")
-    unexpected = [n for n in entries if n not in expected and not n.endswith(benign)]
+    unexpected = [n for n in present if n not in expected and not n.endswith(benign)] + source.ignored
     if unexpected:
-        warnings.warn(f"{model_dir}: ignoring {len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]!r}")
+        warnings.warn(f"{source.where}: ignoring {len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]!r}")
 
 
 def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -380,8 +276,9 @@ def save_pretrained(
 
     config.json, model.safetensors (or shards plus model.safetensors.index.json above
     `max_shard_bytes`), and the tokenizer files from `tokenizer_dir` (e.g. the directory the model was
-    loaded from, `Loaded.directory`), if given. Each file is written under a temporary name and renamed, so a crash never leaves
-    a file that looks complete.
+    loaded from, `Loaded.directory`), if given; a `.gguf` file there gives the Hugging Face tokenizer
+    files built from its metadata (models.gguf_tokenizer). Each file is written under a temporary
+    name and renamed, so a crash never leaves a file that looks complete.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -409,7 +306,11 @@ def save_pretrained(
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy tokenizer and generation config files that exist in `src` into `dst`."""
+    """Copy tokenizer and generation config files that exist in `src` into `dst`; from a `.gguf` file
+    `src`, write the Hugging Face files its metadata describes."""
+    if is_gguf(src):
+        write_hf_tokenizer(src, dst)
+        return
     if src.resolve() == dst.resolve():
         return
     for name in TOKENIZER_FILES:

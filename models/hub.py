@@ -28,16 +28,19 @@ class CheckpointError(ValueError):
 
 
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
-    """Return a local directory holding the checkpoint `path_or_hub_id`.
+    """Return a local directory holding the checkpoint `path_or_hub_id`, or the local `.gguf` file it names.
 
-    Order: an existing local directory; else a complete snapshot already in the hub cache (offline);
-    else a download through huggingface_hub (safetensors, configs and tokenizer files only).
+    Order: an existing local directory or .gguf file; else a complete snapshot already in the hub
+    cache (offline); else a download through huggingface_hub (safetensors, configs and tokenizer
+    files only).
     """
     local = Path(path_or_hub_id).expanduser()
-    if local.is_dir():
+    if local.is_dir() or (local.is_file() and local.suffix.lower() == ".gguf"):
         return local
     if local.exists():
-        raise CheckpointError(f"{local}: expected a checkpoint directory, found a file")
+        raise CheckpointError(f"{local}: expected a checkpoint directory or a .gguf file, found another file")
+    if local.suffix.lower() == ".gguf":
+        raise CheckpointError(f"{local}: no such file")
     name = str(path_or_hub_id)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"{name}: no such directory, and not a hub id of the form 'owner/name'")

@@ -1,5 +1,7 @@
 """The checkpoint's tokenizer: `tokenizer.json` through the `tokenizers` library, plus the special
-tokens and chat template from the files beside it. transformers is never imported.
+tokens and chat template from the files beside it. transformers is never imported. A `.gguf` file
+has no such files: models.gguf_tokenizer builds the backend and the same files' contents from its
+metadata, and the rules below apply to them unchanged.
 
 Special tokens
     bos/eos/pad/unk come from tokenizer_config.json; in a config without "added_tokens_decoder"
@@ -59,6 +61,8 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
 from models.files import read_json_object
+from models.gguf import is_gguf
+from models.gguf_tokenizer import gguf_tokenizer, write_hf_tokenizer
 from models.hub import CheckpointError, resolve_model_dir
 
 BUILTIN_CHAT_TEMPLATE = (
@@ -120,10 +124,11 @@ def _extra_tokens(config: dict, special_map: dict) -> list[str]:
     return found
 
 
-def _chat_template(root: Path, config: dict) -> str | None:
-    """The checkpoint's default template, in transformers' order of precedence (see module docstring)."""
-    jinja = root / "chat_template.jinja"
-    if jinja.is_file():
+def _chat_template(root: Path | None, config: dict) -> str | None:
+    """The checkpoint's default template, in transformers' order of precedence (see module docstring);
+    root None: no files beside the config to look at."""
+    jinja = root / "chat_template.jinja" if root is not None else None
+    if jinja is not None and jinja.is_file():
         try:
             return jinja.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
@@ -134,7 +139,7 @@ def _chat_template(root: Path, config: dict) -> str | None:
         template = named.get("default")
     if isinstance(template, str) and template:
         return template
-    template = _read_object(root / "chat_template.json").get("chat_template")
+    template = _read_object(root / "chat_template.json").get("chat_template") if root is not None else None
     return template if isinstance(template, str) and template else None
 
 
@@ -209,24 +214,34 @@ class Tokenizer:
     chat_template: str | None  # the checkpoint's own; None means BUILTIN_CHAT_TEMPLATE is used
     stop_ids: set[int]  # eos_id plus generation_config.json's extra eos ids
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, backend: _Backend | None = None,
+                 files: dict[str, dict] | None = None) -> None:
+        """root: a checkpoint directory, whose files are read. Or, given `backend` and `files` (file
+        name -> JSON object, e.g. what models.gguf_tokenizer builds from a GGUF file), the file they
+        describe: nothing more is read from disk."""
         self.root = Path(root)
-        self._backend = self._load_backend()
-        config = _read_object(self.root / "tokenizer_config.json")
-        special_map = _read_object(self.root / "special_tokens_map.json")
-        generation = _read_object(self.root / "generation_config.json")
-        model_config = _read_object(self.root / "config.json")
+        self._files = files
+        self._backend = self._load_backend() if backend is None else _unbounded(backend)
+        config = self._object("tokenizer_config.json")
+        special_map = self._object("special_tokens_map.json")
+        generation = self._object("generation_config.json")
+        model_config = self._object("config.json")
         self._named = _named_tokens(config, special_map)
         self._register_special_tokens(list(self._named.values()) + _extra_tokens(config, special_map))
         self.vocab_size = max(self._backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._set_ids(generation, model_config)
         self.add_bos = self._resolve_add_bos(config)
         self.stop_ids = {self.eos_id, *_all_ids(generation.get("eos_token_id"))}
-        self.chat_template = _chat_template(self.root, config)
+        self.chat_template = _chat_template(self.root if files is None else None, config)
         # transformers only cleans up decoded spaces for non-BPE models, and only when asked to
         self._clean_up = bool(config.get("clean_up_tokenization_spaces")) and self._model_type() != "BPE"
 
     # --- loading -------------------------------------------------------------------------------------
+    def _object(self, name: str) -> dict:
+        if self._files is not None:
+            return self._files.get(name, {})
+        return _read_object(self.root / name)
+
     def _load_backend(self) -> _Backend:
         path = self.root / "tokenizer.json"
         _read_object(path, required=True)  # a clear error for missing or non-JSON files first
@@ -234,10 +249,7 @@ class Tokenizer:
             backend = _Backend.from_file(str(path))
         except Exception as err:  # the Rust side raises plain Exception on a schema mismatch
             raise CheckpointError(f"{path}: not a tokenizer the tokenizers library can load ({err})") from None
-        # Callers decide about length and padding; a limit baked into tokenizer.json would cut silently.
-        backend.no_truncation()
-        backend.no_padding()
-        return backend
+        return _unbounded(backend)
 
     def _register_special_tokens(self, tokens: list[str]) -> None:
         """Mark the configs' special tokens as special added tokens, as transformers does on load."""
@@ -282,6 +294,16 @@ class Tokenizer:
         return type(self._backend.model).__name__
 
     # --- public API ----------------------------------------------------------------------------------
+    @property
+    def backend(self) -> _Backend:
+        """The `tokenizers.Tokenizer` underneath: vocabulary, merges, pre-tokenizer (e.g. to export them)."""
+        return self._backend
+
+    @property
+    def named_tokens(self) -> dict[str, str]:
+        """Role -> token text, as the checkpoint names them ("bos_token", "eos_token", "unk_token", ...)."""
+        return dict(self._named)
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS first when `add_bos` (None: the checkpoint's add_bos), never twice."""
         ids = self._backend.encode(text, add_special_tokens=False).ids
@@ -304,8 +326,12 @@ class Tokenizer:
                                add_generation_prompt=add_generation_prompt, **self._named)
 
     def save(self, out_dir: str | os.PathLike) -> None:
-        """Copy the tokenizer files that exist into `out_dir` (created if needed)."""
+        """Copy the tokenizer files that exist into `out_dir` (created if needed); for a GGUF file's
+        tokenizer, write the Hugging Face files built from it."""
         out = Path(out_dir)
+        if is_gguf(self.root):
+            write_hf_tokenizer(self.root, out)
+            return
         out.mkdir(parents=True, exist_ok=True)
         if out.resolve() == self.root.resolve():
             return
@@ -344,6 +370,18 @@ def _clean_up_spaces(text: str) -> str:
     return text
 
 
+def _unbounded(backend: _Backend) -> _Backend:
+    """Callers decide about length and padding; a limit baked into tokenizer.json would cut silently."""
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
 def load_tokenizer(path_or_hub_id: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a checkpoint directory or hub id (resolved by models.hub.resolve_model_dir)."""
-    return Tokenizer(resolve_model_dir(path_or_hub_id))
+    """The tokenizer of a checkpoint directory, hub id or `.gguf` file (resolved by
+    models.hub.resolve_model_dir; a GGUF file's is built from its metadata by models.gguf_tokenizer)."""
+    location = resolve_model_dir(path_or_hub_id)
+    if is_gguf(location):
+        built = gguf_tokenizer(location)
+        return Tokenizer(location, built.backend, built.files)
+    return Tokenizer(location)

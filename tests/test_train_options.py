@@ -1,6 +1,5 @@
 """Trainer options beyond the defaults: task metrics, 8-bit optimizers, checkpointing, the demo path, generate CLI."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,21 +72,6 @@ def test_grad_checkpointing_with_frozen_base_gives_same_run(run_model, tmp_path)
         outs.append(load_file(str(out / "adapter" / "adapter_model.safetensors")))
     assert outs[0].keys() == outs[1].keys()
     assert all(torch.allclose(outs[0][k], outs[1][k], atol=1e-6) for k in outs[0])
-
-
-def test_python_m_demo_runs_the_embedded_demo(run_model, tmp_path, monkeypatch, capsys):
-    """The demo path, with a tiny cached base standing in for the one the demo builds on first use."""
-    from demo.__main__ import demo_main
-    from demo.base import BASE_VERSION
-
-    monkeypatch.setenv("FT_DEMO_CACHE", str(tmp_path / "cache"))
-    shutil.copytree(run_model, tmp_path / "cache" / f"base-v{BASE_VERSION}")
-    assert demo_main(["--output-dir", str(tmp_path / "o"), "--max-steps", "2", "--dtype", "float32"]) == 0
-    out = capsys.readouterr().out
-    assert "Before fine-tuning:" in out and "After fine-tuning" in out
-    assert (tmp_path / "cache" / "docstrings.jsonl").is_file()
-    assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((tmp_path / "o" / "config.json").read_text())["run"]["method"] == "qlora"  # the demo's default
 
 
 def test_train_run_without_model_or_data_exits_2_in_one_line(run_model, tmp_path, capsys):

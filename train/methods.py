@@ -45,7 +45,7 @@ class Method:
 
     name: str
     lr: float  # peak learning rate when --lr is not given
-    demo_lr: float | None = None  # on the built-in demo (a tiny model learning in 150 steps), if not `lr`
+    demo_lr: float | None = None  # on the built-in demo (a real 135M model learning in 60 steps), if not `lr`
     product: str = "adapter"  # what the run writes into --output-dir: "adapter" (PEFT) or "model" (HF)
     shards: bool = False  # may train under --fsdp (worth it only when many parameters train)
     quantizes: bool = False  # holds the frozen base in NF4
@@ -121,7 +121,7 @@ def _as_qlora(s: Settings) -> list[tuple[str, Settings]]:
 
 
 class FullFineTuning(Method):
-    name, lr, demo_lr, product, shards = "full", 2e-5, 1e-3, "model", True
+    name, lr, demo_lr, product, shards = "full", 2e-5, 1e-4, "model", True
 
     def load(self, cfg, model_path, device, compute_dtype) -> Loaded:
         return load_checkpoint(model_path, dtype=torch.float32, device=device)  # the weights are the masters
@@ -144,7 +144,7 @@ class FullFineTuning(Method):
 
 
 class LoRA(Method):
-    name, lr, demo_lr, shards = "lora", 2e-4, 3e-3, True
+    name, lr, demo_lr, shards = "lora", 2e-4, 1e-3, True
 
     def prepare(self, cfg, loaded, model_path) -> None:
         model = loaded.model

@@ -24,9 +24,8 @@ import torch
 from tqdm import tqdm
 
 from lora.inject import trainable_report
-from models.checkpoint import Loaded
-from models.config import ModelConfig
-from models.hub import CheckpointError, resolve_model_dir
+from models.checkpoint import Loaded, load_config
+from models.hub import CheckpointError
 from models.tokenizer import load_tokenizer
 from train import distributed as dist
 from train import memory, outputs
@@ -94,7 +93,7 @@ def check_inputs(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype 
     """Refuse what cannot work before anything is loaded: no model or data, a window too short, too little memory."""
     if cfg.run.model is None or cfg.data.data is None:
         raise RunError("--model and --data are required (python -m demo runs the built-in example)")
-    config = ModelConfig.from_file(resolve_model_dir(cfg.run.model) / "config.json")
+    config = load_config(cfg.run.model)
     if cfg.data.seq_len > config.max_position_embeddings:
         raise RunError(f"--seq-len {cfg.data.seq_len} exceeds the model's window of {config.max_position_embeddings} tokens")
     if not (parallel.fsdp or cfg.run.skip_memory_check):  # the estimate is for one whole replica; FSDP2 holds 1/world
