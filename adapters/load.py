@@ -50,9 +50,16 @@ class Adapted:
     format: WeightFormat  # how the base is held
 
 
+def adapter_dir(path: str | os.PathLike) -> Path:
+    """The adapter directory `path` names: itself, or the `adapter/` inside a training run's output directory."""
+    path = Path(path)
+    inside = path / "adapter"
+    return inside if not (path / CONFIG_NAME).is_file() and (inside / CONFIG_NAME).is_file() else path
+
+
 def adapter_kind(directory: str | os.PathLike) -> str:
     """"lora", "prompt" or "prefix" from adapter_config.json; CheckpointError naming the file otherwise."""
-    directory = Path(directory)
+    directory = adapter_dir(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such adapter directory")
     path = directory / CONFIG_NAME
@@ -63,13 +70,14 @@ def adapter_kind(directory: str | os.PathLike) -> str:
 
 
 def attach(model: Decoder, directory: str | os.PathLike, name: str = "default") -> Adapter:
-    """Put the adapter in `directory` on `model` (eval mode) and make it the active one.
+    """Put the adapter in `directory` (or in a training run's output directory) on `model` (eval mode) and
+    make it the active one.
 
     LoRA: injected under `name` beside any others. Prompt / prefix tuning: attached as the model's
     virtual tokens, replacing any set before. On an error (CheckpointError naming the file and
     tensor) the model is left as it was.
     """
-    directory = Path(directory)
+    directory = adapter_dir(directory)
     kind = adapter_kind(directory)
     base = read_record(directory)
     virtual = None
@@ -92,7 +100,7 @@ def load_adapted(
     dtype: the base's dtype (default: the checkpoint's). An adapter trained on a 4-bit base gets the
     base it was trained on (its record's dtype, 4-bit format and compute dtype), whatever `dtype` says.
     """
-    fmt = read_record(adapter) if adapter is not None and adapter_kind(adapter) == "lora" else None
+    fmt = read_record(adapter_dir(adapter)) if adapter is not None and adapter_kind(adapter) == "lora" else None
     if fmt is not None and fmt.quantize:
         loaded = load_checkpoint(base, device=device, **fmt.load_kwargs())
     else:

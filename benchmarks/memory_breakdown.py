@@ -75,12 +75,7 @@ def weight_parts(model: torch.nn.Module) -> dict[str, float]:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from train.loop import (
-        autocast_context,
-        build_optimizer,
-        forward_loss_sum,
-        train_step,
-    )
+    from train.loop import autocast_context, build_optimizer, forward_loss_sum, train_step
 
     base = vs_hf.rss_mib()
     cfg = vs_hf.ours_config(args.method, bool(args.grad_checkpointing))

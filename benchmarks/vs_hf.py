@@ -190,12 +190,7 @@ def _profiler(on: bool):
 
 def worker_hf(args: argparse.Namespace, base_rss: float) -> dict:
     import transformers
-    from transformers import (
-        AutoModelForCausalLM,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     transformers.logging.set_verbosity_error()
     kwargs: dict = {"dtype": torch.float32 if args.method == "full" else torch.bfloat16}

@@ -1,11 +1,5 @@
 """The decoder, its checkpoints, tokenizer and generation."""
-from models.checkpoint import (
-           Loaded,
-           load_checkpoint,
-           load_config,
-           load_pretrained,
-           save_pretrained,
-)
+from models.checkpoint import Loaded, load_checkpoint, load_config, load_pretrained, save_pretrained
 from models.config import ModelConfig
 from models.decoder import Decoder, KVCache
 from models.hub import CheckpointError

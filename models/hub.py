@@ -30,11 +30,14 @@ class CheckpointError(ValueError):
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
     """Return a local directory holding the checkpoint `path_or_hub_id`, or the local `.gguf` file it names.
 
-    Order: an existing local directory or .gguf file; else a complete snapshot already in the hub
-    cache (offline); else a download through huggingface_hub (safetensors, configs and tokenizer
-    files only).
+    Order: an existing local directory or .gguf file (a training run's output directory stands for the
+    `model/` inside it); else a complete snapshot already in the hub cache (offline); else a download
+    through huggingface_hub (safetensors, configs and tokenizer files only).
     """
     local = Path(path_or_hub_id).expanduser()
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if local.is_dir() and not any((local / w).is_file() for w in weights) and (local / "model" / "config.json").is_file():
+        return local / "model"  # `train.run --method full` wrote its model there (its config.json is the run's)
     if local.is_dir() or (local.is_file() and local.suffix.lower() == ".gguf"):
         return local
     if local.exists():

@@ -133,9 +133,7 @@ def bnb_cpu_kernel(dtype: torch.dtype):
         return None
     try:
         import_bitsandbytes()
-        from bitsandbytes.cextension import (
-            lib,  # the native library bitsandbytes loaded (after the import above)
-        )
+        from bitsandbytes.cextension import lib  # the native library bitsandbytes loaded (after the import above)
 
         return getattr(lib, _BNB_CPU_KERNELS[dtype])
     except Exception:  # a build without the CPU kernels, or a mock library object

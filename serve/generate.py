@@ -24,9 +24,10 @@ from models.tokenizer import load_tokenizer
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve.generate", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    p.add_argument("--adapter", help="adapter directory written by train.run (or PEFT)")
+    p.add_argument("--adapter", help="adapter directory (or a train.run output directory holding adapter/), ours or PEFT's")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--system", help="with --chat: a system message before it")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         print("error: need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1", file=sys.stderr)
         return 2
+    if args.system is not None and not args.chat:
+        print("error: --system is for a chat prompt: add --chat", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         tok = load_tokenizer(args.model)
@@ -50,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = args.prompt
     if args.chat:
-        text = tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        text = tok.render_chat([*system, {"role": "user", "content": text}], add_generation_prompt=True)
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, tuple(sorted(tok.stop_ids)), args.seed)
     new = generate(model, [tok.encode(text)], cfg, pad_id=tok.pad_id)[0]
     print(tok.decode(new, skip_special_tokens=True))

@@ -6,15 +6,7 @@ import json
 
 import pytest
 
-from train.config import (
-    METHOD_LR,
-    SECTIONS,
-    ConfigError,
-    LoraSettings,
-    TrainConfig,
-    build_parser,
-    parse_args,
-)
+from train.config import METHOD_LR, SECTIONS, ConfigError, LoraSettings, TrainConfig, build_parser, parse_args
 
 
 @pytest.mark.parametrize("method,lr", [("full", 2e-5), ("lora", 2e-4), ("qlora", 2e-4), ("prefix", 1e-2),

@@ -30,13 +30,8 @@ from train.data import (
 )
 from train.loader import BatchSampler, StepLoader, eval_batches
 from train.loss import IGNORE_INDEX
-from train.records import (
-    ALPACA_PROMPT_NO_INPUT,
-    DataError,
-    parse_record,
-    read_jsonl,
-    render_alpaca,
-)
+from train.records import ALPACA_PROMPT_NO_INPUT, DataError, parse_record, render_alpaca
+from train.sources import read_records
 
 M = IGNORE_INDEX
 BOS, EOS, PAD = 1, 2, 0
@@ -271,19 +266,19 @@ BAD_LINES = [
 def test_bad_line_raises_data_error_with_file_and_line(tmp_path, line, message):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, "", line])
     with pytest.raises(DataError, match=message) as info:
-        read_jsonl(path)
+        read_records(path)
     assert str(info.value).startswith(f"{path}:3: ") and info.value.line == 3
 
 
 def test_missing_empty_and_non_utf8_files(tmp_path):
     with pytest.raises(DataError, match="file not found"):
-        read_jsonl(tmp_path / "nope.jsonl")
+        read_records(tmp_path / "nope.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n  \n")
     with pytest.raises(DataError, match="empty"):
-        read_jsonl(tmp_path / "empty.jsonl")
+        read_records(tmp_path / "empty.jsonl")
     (tmp_path / "bin.jsonl").write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n')
     with pytest.raises(DataError, match=r"bin.jsonl:2: not valid UTF-8"):
-        read_jsonl(tmp_path / "bin.jsonl")
+        read_records(tmp_path / "bin.jsonl")
 
 
 json_values = st.recursive(
@@ -312,7 +307,7 @@ def test_fuzz_reader_loads_or_raises_data_error(content):
         path = Path(d) / "f.jsonl"
         path.write_text("\n".join(content), encoding="utf-8", errors="surrogatepass")
         try:
-            records = read_jsonl(path)
+            records = read_records(path)
         except DataError:
             return
         build_examples(records, CharTokenizer(), seq_len=16)  # whatever loads also tokenizes

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from models.tokenizer import load_tokenizer
 from tests.conftest import make_tokenizer_files
 from train.data import build_examples, generation_prompt, tokenize_record
-from train.records import DataError, parse_record, read_jsonl
+from train.records import DataError, parse_record
+from train.sources import read_records
 
 # FUZZ_EXAMPLES=3000 for a longer hunt (that many pass); the suite's default keeps it under a few seconds.
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None,
@@ -92,7 +93,7 @@ def test_reader_loads_every_line_or_names_the_bad_one(lines):
         path.write_bytes(content)
         n_lines = content.count(b"\n") + 1  # a generated line may hold newlines of its own
         try:
-            records = read_jsonl(path)
+            records = read_records(path)
         except DataError as err:
             line = _line_of(err, path)
             assert line is not None or "empty" in str(err), str(err)

@@ -12,14 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from quant import (
-    NF4Linear,
-    dequantize_nf4,
-    dynamic_code,
-    nf4_code,
-    nf4_nbytes,
-    quantize_nf4,
-)
+from quant import NF4Linear, dequantize_nf4, dynamic_code, nf4_code, nf4_nbytes, quantize_nf4
 from quant.backend import bnb_cpu_kernel, dequantize_scratch, resolve_backend
 from quant.nf4 import _dynamic_lut, dequantize_absmax, quantize_blockwise_8bit
 

@@ -10,15 +10,7 @@ import torch
 
 import quant.embedding
 import quant.weights
-from quant import (
-    NF4Embedding,
-    NF4Linear,
-    QuantizedHead,
-    dequantize_absmax,
-    dequantize_nf4,
-    nf4_nbytes,
-    quantize_nf4,
-)
+from quant import NF4Embedding, NF4Linear, QuantizedHead, dequantize_absmax, dequantize_nf4, nf4_nbytes, quantize_nf4
 from quant.embedding import block_scales
 
 # [V, C] with C % 64 == 0. None has V*C a multiple of 64*256, so the last nested 256-block of absmax is

@@ -67,7 +67,7 @@ def _check_complete_checkpoints_load(out: Path) -> int:
 
 
 def _comparable_rows(out: Path) -> list[dict]:
-    timing = {"tokens_per_s"}
+    timing = {"tokens_per_s", "input_tokens_per_s"}
     return [{k: v for k, v in json.loads(line).items() if k not in timing}
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 

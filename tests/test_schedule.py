@@ -7,13 +7,7 @@ import pytest
 import torch
 from transformers import optimization
 
-from train.schedule import (
-    build_scheduler,
-    lr_at,
-    lr_lambda,
-    total_steps_for,
-    warmup_steps_for,
-)
+from train.schedule import build_scheduler, lr_at, lr_lambda, total_steps_for, warmup_steps_for
 
 HF = {
     "cosine": lambda opt, w, t: optimization.get_cosine_schedule_with_warmup(opt, w, t),

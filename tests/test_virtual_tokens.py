@@ -7,13 +7,7 @@ import torch
 import models
 from adapters import load_adapted
 from models.generate import SamplingConfig, generate
-from prompt import (
-    PrefixEncoder,
-    PromptEmbedding,
-    attach,
-    load_virtual_tokens,
-    save_virtual_tokens,
-)
+from prompt import PrefixEncoder, PromptEmbedding, attach, load_virtual_tokens, save_virtual_tokens
 from tests.conftest import left_padded_batch, make_task_data
 from train.run import main
 

@@ -70,7 +70,9 @@ class TrainerState:
     recent_losses: list[float] = field(default_factory=list)  # train losses since the last evaluation
     first_val_loss: float | None = None  # the evaluation before training, for the summary
     stopped: bool = False  # a stopping rule ended the run here: a resume must not train further
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # target tokens (those that carry loss)
+    input_tokens_seen: int = 0  # every real input token the forward passes processed
+    best_metrics: dict[str, Any] = field(default_factory=dict)  # the best evaluation's other metrics
     elapsed_s: float = 0.0
     world_size: int = 1  # processes that trained it: a resume must use as many
     fsdp: bool = False  # optimizer state keyed by parameter name (FSDP2) instead of by index

@@ -34,6 +34,7 @@ from lora.inject import ALL_LINEAR, LoraConfig
 from train.errors import ConfigError
 from train.methods import METHODS
 from train.schedule import SCHEDULES
+from train.tracking import TRACKERS
 
 TASKS = ("lm", "classification", "generation")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
@@ -69,6 +70,10 @@ class RunConfig:
     overwrite: bool = _f(False, "--overwrite", "allow writing into a non-empty output dir without resuming")
     skip_memory_check: bool = _f(False, "--skip-memory-check",
                                  "start even when the estimated peak memory exceeds what the device has free")
+    report_to: list[str] = _f(["none"], "--report-to", f"experiment trackers, comma-separated: {', '.join(TRACKERS)} "
+                              "(train.tracking; metrics.jsonl is always written)")
+    log_every: int | None = _f(None, "--log-every", "without a terminal: a progress line every N steps "
+                               "(None: about 20 per run; at least one a minute)")
     fsdp: bool = _f(False, "--fsdp", "under torchrun: shard weights, gradients and optimizer state with FSDP2 "
                     "(full and lora; default: DDP, a full replica per process)")
 
@@ -77,8 +82,14 @@ class RunConfig:
 class DataConfig:
     """Where examples come from and how they are cut into batches."""
 
-    data: str | None = _f(None, "--data", "training JSONL (required)")
-    val_data: str | None = _f(None, "--val-data", "validation JSONL")
+    data: str | None = _f(None, "--data", "training data: .jsonl/.json/.csv/.tsv/.parquet, a directory of them, or a "
+                          "hub dataset id owner/name[:split] (required)")
+    val_data: str | None = _f(None, "--val-data", "validation data, in any form --data takes")
+    data_split: str | None = _f(None, "--data-split", "the split of a hub dataset (default: train; or owner/name:split)")
+    text_field: str | None = _f(None, "--text-field", "the column that holds plain text (shape text)")
+    prompt_field: str | None = _f(None, "--prompt-field", "the column that holds the prompt (shape prompt/completion)")
+    completion_field: str | None = _f(None, "--completion-field", "the column that holds the completion")
+    messages_field: str | None = _f(None, "--messages-field", "the column that holds chat messages (or ShareGPT conversations)")
     val_fraction: float = _f(0.0, "--val-fraction", "hold out this fraction of --data for validation (seeded)")
     seq_len: int = _f(1024, "--seq-len", "tokens per row; longer examples are truncated (and counted)")
     pack: bool = _f(False, "--pack", "pack several examples per row with a block-diagonal mask")
@@ -297,6 +308,8 @@ def _positive(x) -> bool:
 # path -> (predicate on a non-None value, what it means). Types and choices are checked before these.
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "run.seed": (lambda x: x >= 0, "must be >= 0"),
+    "run.log_every": (_positive, "must be >= 1"),
+    "run.report_to": (lambda x: len(x) > 0 and all(n in TRACKERS for n in x), f"must name trackers among {TRACKERS}"),
     "data.val_fraction": (lambda x: 0 <= x < 1, "must be in [0, 1)"),
     "data.seq_len": (lambda x: x >= 2, "must be >= 2"),
     "data.batch_size": (_positive, "must be >= 1"),

@@ -22,7 +22,8 @@ import torch
 
 from train.config import DataConfig
 from train.loss import IGNORE_INDEX
-from train.records import DataError, Record, read_jsonl
+from train.records import DataError, Record
+from train.sources import read_records
 
 # Key of a micro-batch that a rank runs with zero weight only because another rank has rows at that
 # point (its own share is empty): every rank must run the same forward/backward calls in a step.
@@ -313,10 +314,10 @@ def load_datasets(cfg: DataConfig, tokenizer: TokenizerLike, seed: int) -> Datas
     """Read, split, tokenize and pack as a train.config.DataConfig says. DataError on bad data."""
     if cfg.data is None:
         raise DataError("no training data given (--data FILE.jsonl)")
-    train_records = read_jsonl(cfg.data)
+    train_records = read_records(cfg.data, cfg)
     val_records: list[Record] = []
     if cfg.val_data:
-        val_records = read_jsonl(cfg.val_data)
+        val_records = read_records(cfg.val_data, cfg)
     elif cfg.val_fraction > 0:
         train_records, val_records = split_train_val(train_records, cfg.val_fraction, seed)
     train, train_stats = _prepare(train_records, tokenizer, cfg, str(cfg.data))

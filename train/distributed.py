@@ -24,10 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    set_model_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -103,6 +100,11 @@ def all_reduce_sum(p: Parallel, values: list[float], device: torch.device) -> li
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def any_rank(p: Parallel, flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any of them (one all-reduce; none with one process)."""
+    return flag if not p.enabled else all_reduce_sum(p, [float(flag)], device)[0] > 0
 
 
 def all_gather(p: Parallel, obj: Any) -> list[Any]:

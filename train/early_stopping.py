@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from train.errors import DivergedError
 
 
 class EarlyStopping:
@@ -133,3 +136,18 @@ def stopping_decision(early: EarlyStopping | None, overfit: OverfitDetector, tra
                         "evaluations: stopping early")
         stop = True
     return metrics, messages, stop
+
+
+def restore_stopping_rules(early: EarlyStopping | None, overfit: OverfitDetector, state) -> None:
+    """Both rules as a checkpoint's trainer state (train.checkpoint.TrainerState) left them."""
+    if early and state.early_stopping:
+        early.load_state_dict(state.early_stopping)
+    if state.overfit:
+        overfit.load_state_dict(state.overfit)
+
+
+def diverged(limit: int, step: int, last_checkpoint: Path | None) -> DivergedError:
+    """The error that stops a run after `limit` non-finite steps in a row (the bad streak is not checkpointed)."""
+    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+    return DivergedError(f"{limit} steps in a row had a non-finite loss or gradient (last: step {step}); "
+                         f"stopping: {where}. Lower --lr, check the data, or raise --max-skipped-steps")

@@ -30,9 +30,10 @@ SINGLE = Parallel()  # one process: no collectives
 @dataclass
 class StepResult:
     loss: float  # mean loss per target token over the accumulated batch
-    tokens: int  # target tokens in the accumulated batch
+    tokens: int  # target tokens in the accumulated batch (those that carry loss)
     grad_norm: float  # total gradient norm before clipping
     skipped: bool  # the loss or gradient was not finite, so no update was made
+    input_tokens: int = 0  # every real (non-padding) token the forward passes processed, all ranks
 
 
 def pick_device_and_dtype(name: str, device: torch.device | None = None) -> tuple[torch.device, torch.dtype | None]:
@@ -152,6 +153,8 @@ def train_step(
     are global, so every rank takes the same decision.
     """
     loss, tokens = accumulate_gradients(model, micro_batches, device, autocast_dtype, parallel, forward)
+    real = sum(int(mb["attention_mask"].sum()) for mb in micro_batches if PLACEHOLDER not in mb)
+    input_tokens = int(all_reduce_sum(parallel, [real], device)[0])
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     clip = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
     grad_norm = to_float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
@@ -160,7 +163,7 @@ def train_step(
         optimizer.step()
     scheduler.step()  # the schedule follows the step count, skipped or not, so a resume lands on it exactly
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=skipped)
+    return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=skipped, input_tokens=input_tokens)
 
 
 @torch.no_grad()

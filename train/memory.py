@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 from lora.inject import LoraConfig
+from models.checkpoint import load_config
 from models.config import ModelConfig
 from quant.nf4 import nf4_nbytes
-from train.config import LoraSettings
+from train.config import LoraSettings, TrainConfig
 from train.errors import RunError
 from train.loss import chunk_rows
 from train.methods import METHODS
@@ -171,14 +172,21 @@ def check_fits(cfg: ModelConfig, s: Settings, grad_accum: int, device: torch.dev
             f"{advice}")
 
 
-def refuse_if_too_big(cfg: ModelConfig, s: Settings, grad_accum: int, device: torch.device) -> None:
-    """The safety valve: RunError (check_fits' message) when the estimated peak exceeds the free memory."""
-    problem = check_fits(cfg, s, grad_accum, device)
-    if problem:
-        raise RunError(problem)
+def check_run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, fsdp: bool) -> None:
+    """Refuse what cannot work before anything is loaded (RunError): no model or data, a window too short
+    for --seq-len, an estimated peak above the free memory (skipped under FSDP2, whose ranks hold 1/world)."""
+    if cfg.run.model is None or cfg.data.data is None:
+        raise RunError("--model and --data are required (python -m demo runs the built-in example)")
+    config = load_config(cfg.run.model)
+    if cfg.data.seq_len > config.max_position_embeddings:
+        raise RunError(f"--seq-len {cfg.data.seq_len} exceeds the model's window of {config.max_position_embeddings} tokens")
+    if not (fsdp or cfg.run.skip_memory_check):
+        problem = check_fits(config, settings_from(cfg, amp_dtype), cfg.optim.grad_accum, device)
+        if problem:
+            raise RunError(problem)
 
 
-def settings_from(cfg, compute_dtype: torch.dtype | None) -> Settings:
+def settings_from(cfg: TrainConfig, compute_dtype: torch.dtype | None) -> Settings:
     """Settings of a TrainConfig (`cfg`) run computing in `compute_dtype` (None: float32)."""
     return Settings(
         method=cfg.run.method, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,

@@ -26,8 +26,10 @@ import torch
 from models.checkpoint import Loaded
 from train.checkpoint import TrainerState, full_trainable_state, load_trainable_state
 from train.config import TrainConfig
+from train.data import Datasets
 from train.distributed import Parallel, barrier
 from train.errors import RunError
+from train.evaluate import sample_generations
 from train.methods import Method
 
 OWNED = ("checkpoints", "adapter", "model", "metrics.jsonl", "config.json", "loss.png", "summary.json")
@@ -154,20 +156,34 @@ def save_product(method: Method, loaded: Loaded, cfg: TrainConfig, out: Path, pa
     return product
 
 
+def show_samples(title: str, model, data: Datasets, tokenizer, device: torch.device, amp_dtype: torch.dtype | None,
+                 show: bool) -> None:
+    """A few greedy generations on validation prompts, printed when `show` (every rank generates: a
+    sharded model needs them all)."""
+    samples = sample_generations(model, data, tokenizer, device, amp_dtype)
+    if samples and show:
+        print_samples(title, *samples)
+
+
 def print_samples(title: str, prompts: Sequence[str], generated: Sequence[str], references: Sequence[str]) -> None:
     print(f"\n{title}")
     for prompt, pred, ref in zip(prompts, generated, references):
         print(f"  prompt:    {prompt.strip()[:100]}\n  generated: {pred[:120]}\n  reference: {ref[:120]}\n")
 
 
-def summary(method: str, state: TrainerState, device: torch.device, parallel: Parallel, product: Path) -> dict:
-    """What the run did, for summary.json (peak memory: this process's)."""
-    best = state.best_val_loss
+def summary(method: str, state: TrainerState, device: torch.device, parallel: Parallel, product: Path,
+            wall_s: float) -> dict:
+    """What the run did, for summary.json (peak memory: this process's; wall_s: since the process started)."""
+    best, elapsed = state.best_val_loss, max(state.elapsed_s, 1e-9)
     return {
         "method": method, "steps": state.step, "skipped_steps": state.skipped_steps,
         "first_val_loss": state.first_val_loss, "best_val_loss": best, "best_step": state.best_step,
         "best_perplexity": math.exp(best) if best is not None and best < 50 else None,
-        "time_s": round(state.elapsed_s, 1), "tokens_seen": state.tokens_seen,
+        **{f"best_{k}": v for k, v in state.best_metrics.items() if k != "perplexity"},
+        "time_s": round(state.elapsed_s, 1), "wall_time_s": round(wall_s, 1),
+        "tokens_seen": state.tokens_seen, "input_tokens_seen": state.input_tokens_seen,
+        "target_tokens_per_s": round(state.tokens_seen / elapsed, 1),
+        "input_tokens_per_s": round(state.input_tokens_seen / elapsed, 1),
         "peak_memory_mib": round(peak_memory_mib(device), 1),
         "processes": parallel.world_size, "sharding": parallel.mode, "output": str(product),
     }

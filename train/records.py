@@ -1,18 +1,20 @@
-"""Training records: one JSONL line, validated, in one of four shapes (extra keys are ignored).
+"""Training records: one raw row (a JSONL line, a CSV row, ...), validated, in one of four shapes.
 
     {"text": "..."}                                          language modelling: every token is a target
     {"prompt": "...", "completion": "..."}                   loss on the completion only
     {"instruction": "...", "input": "...", "output": "..."}  Alpaca; "input" optional (see ALPACA_PROMPT)
     {"messages": [{"role": "user", "content": "..."}, ...]}  chat template; loss on assistant turns only
 
-Anything else is a DataError naming the file and line. Turning records into tokens is train.data.
+Extra keys are ignored. Columns named otherwise are renamed to these by a field map (FIELD_FLAGS:
+--text-field etc.); ShareGPT's "conversations" ([{"from": "human"|"gpt"|"system", "value": ...}]) is
+the chat shape too. Anything else is a DataError naming the file and line (or row). Where rows come
+from (formats, directories, hub datasets) is train.sources; turning records into tokens is train.data.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 SHAPES = ("text", "prompt_completion", "alpaca", "chat")
 
@@ -67,11 +69,40 @@ _FAMILIES = {  # shape -> keys that signal it (any one) and keys it requires
 }
 _EXPECTED = 'expected {"text"}, {"prompt","completion"}, {"instruction","input","output"} or {"messages"}'
 
+# The keys a field map may rename (-> the flag that does it); DataConfig holds them as text_field etc.
+FIELD_FLAGS = {"text": "--text-field", "prompt": "--prompt-field", "completion": "--completion-field",
+               "messages": "--messages-field"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
-def parse_record(obj: Any, path: str | Path = "<memory>", line: int = 0) -> Record:
-    """Validate one decoded JSON value and return its Record; DataError(path:line) if it fits no shape."""
+
+def apply_field_map(obj: dict, fields: Mapping[str, str | None], path, line) -> dict:
+    """`obj` with each mapped column renamed to its usual key ({"text": "body"}: body -> text).
+
+    The renamed column replaces a column already called by the usual name: that one is some other
+    data, and the flag says which column to learn from. A mapped column that is absent is an error.
+    """
+    out = dict(obj)
+    for key, column in fields.items():
+        if column is None or column == key:
+            continue
+        if column not in obj:
+            raise DataError(f"no column {column!r} ({FIELD_FLAGS.get(key, key)}); got keys {sorted(obj)}", path, line)
+        out.pop(column)
+        out[key] = obj[column]
+    return out
+
+
+def parse_record(obj: Any, path: str | Path = "<memory>", line: int = 0,
+                 fields: Mapping[str, str | None] | None = None) -> Record:
+    """Validate one raw row and return its Record; DataError(path:line) if it fits no shape.
+
+    `fields` maps usual keys to the row's column names (see apply_field_map); None: the usual names.
+    """
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}", path, line)
+    if fields:
+        obj = apply_field_map(obj, fields, path, line)
+    obj = _from_sharegpt(obj, path, line)
     shapes = [s for s, (signals, _) in _FAMILIES.items() if signals & obj.keys()]
     if not shapes:
         raise DataError(f"{_EXPECTED}; got keys {sorted(obj)}", path, line)
@@ -117,6 +148,36 @@ def _check_text(value: Any, where: str, path, line) -> None:
             _check_text(v, f"{where}[{i}]", path, line)
 
 
+def _from_sharegpt(obj: dict, path, line) -> dict:
+    """A ShareGPT row ("conversations", or "messages" of {"from", "value"}) as a chat row of role/content.
+
+    Only role and content are kept: ShareGPT's other per-turn keys (weight, ...) mean nothing to a
+    chat template, and the masking must be exactly that of the same chat messages.
+    """
+    if "conversations" in obj:
+        if "messages" in obj:
+            raise DataError("ambiguous record: has both 'messages' and 'conversations'", path, line)
+        obj = {k: v for k, v in obj.items() if k != "conversations"} | {"messages": obj["conversations"]}
+        where = "conversations"
+    else:
+        where = "messages"
+    turns = obj.get("messages")
+    if not isinstance(turns, list) or not any(isinstance(t, dict) and "from" in t and "role" not in t for t in turns):
+        return obj  # not ShareGPT-style: _check_messages reports any other problem
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}[{i}] must be an object, got {type(turn).__name__}", path, line)
+        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn.get("from"), str) else None
+        if role is None:
+            raise DataError(f"{where}[{i}].from must be one of {sorted(SHAREGPT_ROLES)}, got {turn.get('from')!r}",
+                            path, line)
+        if not isinstance(turn.get("value"), str):
+            raise DataError(f"{where}[{i}].value must be a string", path, line)
+        messages.append({"role": role, "content": turn["value"]})
+    return obj | {"messages": messages}
+
+
 def _check_messages(messages: Any, path, line) -> tuple[dict[str, Any], ...]:
     if not isinstance(messages, list) or not messages:
         raise DataError("'messages' must be a non-empty list", path, line)
@@ -130,31 +191,3 @@ def _check_messages(messages: Any, path, line) -> tuple[dict[str, Any], ...]:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("chat record has no assistant message, so nothing to learn", path, line)
     return tuple(dict(m) for m in messages)
-
-
-def read_jsonl(path: str | Path) -> list[Record]:
-    """All records of a JSONL file; blank lines are skipped. Raises DataError with file:line."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError("file not found", path) from None
-    except OSError as e:
-        raise DataError(f"cannot read: {e.strerror or e}", path) from None
-    records = []
-    for number, chunk in enumerate(raw.split(b"\n"), start=1):
-        try:
-            text = chunk.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DataError("not valid UTF-8", path, number) from None
-        text = text.removeprefix("\ufeff") if number == 1 else text  # a BOM from Windows editors
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except (ValueError, RecursionError) as e:  # ValueError covers JSONDecodeError and huge ints
-            raise DataError(f"malformed JSON: {str(e)[:200]}", path, number) from None
-        records.append(parse_record(obj, path, number))
-    if not records:
-        raise DataError("no records (the file is empty)", path)
-    return records

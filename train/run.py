@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lora.inject import trainable_report
-from models.checkpoint import Loaded, load_config
+from models.checkpoint import Loaded
 from models.hub import CheckpointError
 from models.tokenizer import load_tokenizer
 from train import distributed as dist
@@ -34,24 +33,16 @@ from train.checkpointer import Checkpointer
 from train.config import TrainConfig, parse_args
 from train.data import Datasets, load_datasets
 from train.distributed import Parallel
-from train.early_stopping import EarlyStopping, OverfitDetector, stopping_decision
+from train.early_stopping import EarlyStopping, OverfitDetector, diverged, restore_stopping_rules, stopping_decision
 from train.errors import ConfigError, DivergedError, RunError, exit_status
-from train.evaluate import evaluate, sample_generations
+from train.evaluate import evaluate
 from train.loader import StepLoader, eval_batches
-from train.loop import (
-    SINGLE,
-    build_optimizer,
-    pick_device_and_dtype,
-    seed_everything,
-    train_step,
-)
+from train.loop import SINGLE, build_optimizer, pick_device_and_dtype, seed_everything, train_step
+from train.preemption import Preempted, Preemption
+from train.progress import Progress
 from train.records import DataError
-from train.schedule import (
-    build_scheduler,
-    restore_scheduler,
-    total_steps_for,
-    warmup_steps_for,
-)
+from train.schedule import build_scheduler, restore_scheduler, total_steps_for, warmup_steps_for
+from train.tracking import Trackers
 
 
 @dataclass
@@ -77,33 +68,27 @@ class Run:
     state: TrainerState = field(default_factory=TrainerState)
     parallel: Parallel = SINGLE
     forward: torch.nn.Module | None = None  # what the training forward goes through: DDP's wrapper, else the model
+    progress: Progress | None = None  # while fit runs
+    trackers: Trackers | None = None  # rank 0's TensorBoard / W&B (train.tracking)
+    started: float = field(default_factory=time.perf_counter)  # when setup began (wall time)
 
     @property
     def model(self) -> torch.nn.Module:
         return self.loaded.model
 
     def say(self, message: str) -> None:
-        """A line for the user, from rank 0 only (tqdm-safe)."""
-        if self.parallel.is_main:
-            tqdm.write(message)
+        """A line for the user, from rank 0 only (beside the bar, or plain without a terminal)."""
+        if self.progress:
+            self.progress.say(message)
+        elif self.parallel.is_main:
+            print(message, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------- setup
-def check_inputs(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, parallel: Parallel) -> None:
-    """Refuse what cannot work before anything is loaded: no model or data, a window too short, too little memory."""
-    if cfg.run.model is None or cfg.data.data is None:
-        raise RunError("--model and --data are required (python -m demo runs the built-in example)")
-    config = load_config(cfg.run.model)
-    if cfg.data.seq_len > config.max_position_embeddings:
-        raise RunError(f"--seq-len {cfg.data.seq_len} exceeds the model's window of {config.max_position_embeddings} tokens")
-    if not (parallel.fsdp or cfg.run.skip_memory_check):  # the estimate is for one whole replica; FSDP2 holds 1/world
-        memory.refuse_if_too_big(config, memory.settings_from(cfg, amp_dtype), cfg.optim.grad_accum, device)
-
-
 def setup(cfg: TrainConfig, parallel: Parallel = SINGLE, device: torch.device | None = None) -> Run:
     seed_everything(cfg.run.seed)  # the same on every rank: same initial adapters, same val split
     device, amp_dtype = pick_device_and_dtype(cfg.run.dtype, device)
-    check_inputs(cfg, device, amp_dtype, parallel)
+    memory.check_run(cfg, device, amp_dtype, parallel.fsdp)
     out = outputs.prepare_output_dir(cfg)
     tokenizer = load_tokenizer(cfg.run.model)
     data = load_datasets(cfg.data, tokenizer, cfg.run.seed)
@@ -126,6 +111,7 @@ def setup(cfg: TrainConfig, parallel: Parallel = SINGLE, device: torch.device | 
         seed_everything(cfg.run.seed + parallel.rank)  # from here on each rank draws its own dropout masks
     if parallel.is_main:
         outputs.make_output_dir(cfg, out)
+        run.trackers = Trackers(cfg.run.report_to, out, cfg.to_dict(), run.say)
     dist.barrier(parallel)
     if cfg.run.resume is not None:
         resume(run)
@@ -146,10 +132,7 @@ def resume(run: Run) -> None:
     run.state = state = found[0]
     restore_scheduler(run.scheduler, state.scheduler, state.step)
     run.loader.load_state_dict(state.data)
-    if run.early and state.early_stopping:
-        run.early.load_state_dict(state.early_stopping)
-    if state.overfit:
-        run.overfit.load_state_dict(state.overfit)
+    restore_stopping_rules(run.early, run.overfit, state)
     if main:
         run.metrics.truncate(state.step)
         print(f"resume: continuing from {found[1]} (step {state.step} of {run.total_steps})", file=sys.stderr)
@@ -159,6 +142,7 @@ def resume(run: Run) -> None:
 def log(run: Run, record: dict) -> None:
     if run.parallel.is_main:
         run.metrics.append(record)
+        run.trackers.log(record)
 
 
 def save(run: Run, best: bool = False) -> Path:
@@ -183,75 +167,70 @@ def run_eval(run: Run, recent_train_loss: float) -> tuple[dict, bool]:
     # Log, then checkpoint: a checkpoint of step N must already hold this evaluation (log line,
     # early-stopping count, stop flag), or a run resumed from it would never see it.
     log(run, {"step": step, **metrics})
+    if run.progress:
+        run.progress.evaluation(step, metrics)
     if run.state.best_val_loss is None or val < run.state.best_val_loss:
         run.state.best_val_loss, run.state.best_step = val, step
+        run.state.best_metrics = {k: v for k, v in metrics.items() if k not in ("val_loss", "overfit_warning")}
         save(run, best=True)
     return metrics, stop
 
 
 def fit(run: Run) -> None:
+    """Steps until the last (or a stopping rule, or a signal: train.preemption), evaluating and checkpointing."""
     cfg, s = run.cfg, run.state
-    bar = tqdm(total=run.total_steps, initial=s.step, desc=cfg.run.method, dynamic_ncols=True,
-               disable=None if run.parallel.is_main else True)
+    run.progress = progress = Progress(run.total_steps, s.step, cfg.run.method, run.parallel.is_main, cfg.run.log_every)
     window = s.recent_losses  # in the trainer state, so a resume sees the same train/val gap
     started = time.perf_counter() - s.elapsed_s
     stop = s.stopped
-    while s.step < run.total_steps and not stop:
-        t0 = time.perf_counter()
-        result = train_step(run.model, run.optimizer, run.scheduler, run.loader.next_step(), run.device,
-                            run.amp_dtype, cfg.optim.max_grad_norm, run.parallel, run.forward)
-        s.step += 1
-        s.tokens_seen += result.tokens
-        s.elapsed_s = time.perf_counter() - started
-        tps = result.tokens / max(time.perf_counter() - t0, 1e-9)
-        s.skipped_steps += result.skipped
-        s.skipped_in_a_row = s.skipped_in_a_row + 1 if result.skipped else 0
-        if result.skipped:
-            run.say(f"step {s.step}: non-finite loss or gradient, update skipped")
-        else:
-            window.append(result.loss)
-        lr = run.optimizer.param_groups[0]["lr"]
-        log(run, {"step": s.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                  "tokens": result.tokens, "tokens_per_s": tps, "skipped": result.skipped})
-        bar.update(1)
-        bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-        check_divergence(run)
-        if run.val_batches and (s.step == run.total_steps or (cfg.eval.eval_every and s.step % cfg.eval.eval_every == 0)):
-            recent = sum(window) / len(window) if window else float("nan")
-            window.clear()  # before run_eval, whose checkpoint must hold the emptied window
-            metrics, stop = run_eval(run, recent)
-            bar.set_postfix(loss=f"{result.loss:.3f}", val=f"{metrics['val_loss']:.3f}", lr=f"{lr:.2e}")
-        if cfg.checkpoint.save_every and s.step % cfg.checkpoint.save_every == 0:
-            save(run)
-    bar.close()
+    with Preemption() as preemption:
+        while s.step < run.total_steps and not stop:
+            t0 = time.perf_counter()
+            result = train_step(run.model, run.optimizer, run.scheduler, run.loader.next_step(), run.device,
+                                run.amp_dtype, cfg.optim.max_grad_norm, run.parallel, run.forward)
+            seconds = max(time.perf_counter() - t0, 1e-9)
+            s.step += 1
+            s.tokens_seen += result.tokens
+            s.input_tokens_seen += result.input_tokens
+            s.elapsed_s = time.perf_counter() - started
+            s.skipped_steps += result.skipped
+            s.skipped_in_a_row = s.skipped_in_a_row + 1 if result.skipped else 0
+            if result.skipped:
+                run.say(f"step {s.step}: non-finite loss or gradient, update skipped")
+            else:
+                window.append(result.loss)
+            lr = run.optimizer.param_groups[0]["lr"]
+            log(run, {"step": s.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                      "tokens": result.tokens, "tokens_per_s": result.tokens / seconds,  # target tokens: loss-carrying
+                      "input_tokens": result.input_tokens, "input_tokens_per_s": result.input_tokens / seconds,
+                      "skipped": result.skipped})
+            progress.step(s.step, result.loss, lr, result.grad_norm, result.input_tokens / seconds,
+                          result.tokens / seconds, s.elapsed_s)
+            if s.skipped_in_a_row >= cfg.optim.max_skipped_steps:
+                raise diverged(cfg.optim.max_skipped_steps, s.step, run.checkpointer.latest())
+            if run.val_batches and (s.step == run.total_steps or (cfg.eval.eval_every and s.step % cfg.eval.eval_every == 0)):
+                recent = sum(window) / len(window) if window else float("nan")
+                window.clear()  # before run_eval, whose checkpoint must hold the emptied window
+                stop = run_eval(run, recent)[1]
+            if cfg.checkpoint.save_every and s.step % cfg.checkpoint.save_every == 0:
+                save(run)
+            if dist.any_rank(run.parallel, preemption.signum is not None, run.device):
+                save(run)
+                raise Preempted(preemption.signum or 15, s.step)  # every rank stops; rank 0 names the signal
+    progress.close()
     save(run)
 
 
-def check_divergence(run: Run) -> None:
-    """Stop after --max-skipped-steps non-finite steps in a row, without checkpointing the bad streak."""
-    limit = run.cfg.optim.max_skipped_steps
-    if run.state.skipped_in_a_row >= limit:
-        last = run.checkpointer.latest()
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-        raise DivergedError(f"{limit} steps in a row had a non-finite loss or gradient (last: step {run.state.step}); "
-                            f"stopping: {where}. Lower --lr, check the data, or raise --max-skipped-steps")
-
-
 # --------------------------------------------------------------------------------------- finish
-def show_samples(run: Run, title: str) -> None:
-    """A few greedy generations, printed by rank 0 (every rank generates: a sharded model needs them all)."""
-    samples = sample_generations(run.model, run.data, run.tokenizer, run.device, run.amp_dtype)
-    if samples and run.parallel.is_main:
-        outputs.print_samples(title, *samples)
-
-
 def finish(run: Run) -> dict:
     run.checkpointer.restore_best(run.model)
     product = outputs.save_product(run.cfg.method, run.loaded, run.cfg, run.out, run.parallel, run.checkpointer.best,
                                    run.amp_dtype or torch.float32)
-    summary = outputs.summary(run.cfg.run.method, run.state, run.device, run.parallel, product)
+    summary = outputs.summary(run.cfg.run.method, run.state, run.device, run.parallel, product,
+                              time.perf_counter() - run.started)
     if run.parallel.is_main:
         outputs.write_summary(run.out, summary)
+        run.trackers.close()
     return summary
 
 
@@ -267,7 +246,8 @@ def train(cfg: TrainConfig, samples: bool = True, parallel: Parallel = SINGLE, d
         outputs.print_start(cfg, run.device, run.amp_dtype, run.total_steps, parallel, run.data.summary(), report)
     if run.state.step == 0:
         if samples:
-            show_samples(run, "Before fine-tuning:")
+            outputs.show_samples("Before fine-tuning:", run.model, run.data, run.tokenizer, run.device, run.amp_dtype,
+                                 run.parallel.is_main)
         if run.val_batches:
             first = evaluate(run.model, run.val_batches, [], run.tokenizer, "lm", run.device, run.amp_dtype, parallel=parallel)
             run.state.first_val_loss = first["val_loss"]  # in the trainer state: a resumed run reports it too
@@ -275,7 +255,8 @@ def train(cfg: TrainConfig, samples: bool = True, parallel: Parallel = SINGLE, d
     fit(run)
     summary = finish(run)
     if samples:
-        show_samples(run, "After fine-tuning (best checkpoint):")
+        outputs.show_samples("After fine-tuning (best checkpoint):", run.model, run.data, run.tokenizer, run.device,
+                             run.amp_dtype, run.parallel.is_main)
     return summary
 
 
@@ -296,6 +277,10 @@ def main(argv: list[str] | None = None, prepare: Callable[[TrainConfig, Parallel
         if message:
             print(message, file=sys.stderr)
         return status
+    except Preempted as stopped:
+        if parallel.is_main:
+            print(str(stopped), file=sys.stderr)
+        return stopped.status
     except KeyboardInterrupt:
         if parallel.is_main:
             print("interrupted: resume with --resume", file=sys.stderr)
