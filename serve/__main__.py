@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters import adapter_dir
 from models.checkpoint import load_checkpoint
 from models.hub import CheckpointError
 from models.tokenizer import load_tokenizer
+from models.weight_format import WeightFormat, read_record
 from serve.adapters import AdapterRegistry
 from serve.engine import Engine, EngineConfig
 from serve.protocol import APIError, Limits
 from serve.server import App, make_server
+
+log = logging.getLogger("serve")
 
 
 @dataclass
@@ -41,7 +45,12 @@ def build_app(opts: ServeOptions):
     """Load the base once, register the adapters and start the engine; returns a serve.server.App."""
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(opts.model)
-    base = load_checkpoint(opts.model, dtype=opts.dtype, device=device, quantize="nf4" if opts.load_in_4bit else None)
+    trained_on = _trained_base(opts)
+    if trained_on is not None:
+        log.info("loading the base as the adapters were trained on it: %s", trained_on)
+        base = load_checkpoint(opts.model, device=device, **trained_on.load_kwargs())
+    else:
+        base = load_checkpoint(opts.model, dtype=opts.dtype, device=device, quantize="nf4" if opts.load_in_4bit else None)
     engine = Engine(base.model, tokenizer, opts.engine)
     registry = AdapterRegistry(base.model, engine.lock, opts.served_model_name or opts.model, opts.adapter_root,
                                base.format)
@@ -50,6 +59,16 @@ def build_app(opts: ServeOptions):
     for name, directory in opts.adapters.items():  # the operator's own command line: not limited to the root
         registry.load(name, directory)
     return App(engine.start(), registry, tokenizer, opts.limits)
+
+
+def _trained_base(opts: ServeOptions) -> WeightFormat | None:
+    """The 4-bit base the start-up adapters were trained on, when the command line leaves the base's format
+    open (no --dtype, no --load-in-4bit) and their records name one: serving a QLoRA adapter on any other
+    base computes something else than was trained (quantizing from another dtype gives other 4-bit codes)."""
+    if opts.dtype is not None or opts.load_in_4bit:
+        return None
+    formats = {f for f in (read_record(adapter_dir(d)) for d in opts.adapters.values()) if f is not None and f.quantize}
+    return formats.pop() if len(formats) == 1 else None
 
 
 def _adapter_arg(value: str) -> tuple[str, str]:

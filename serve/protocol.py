@@ -110,10 +110,41 @@ def _messages(body: dict) -> list[dict[str, str]]:
         raise APIError(400, "messages must be a non-empty list", "invalid_value")
     out = []
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, "each message needs a string role and a string content", "invalid_value")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": _content(m.get("content"))})
     return out
+
+
+def _content(content: Any) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} parts (what current SDKs
+    and chat UIs send), joined; any other part type is refused by name."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise APIError(400, "each message needs a string role and a string content", "invalid_value")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, f"content parts must be {{\"type\": \"text\", \"text\": ...}}; this server "
+                                f"reads text only, got type {kind!r}", "unsupported_content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+# Fields this server does not implement, with the value that means "off": any other value is refused by
+# name (400) rather than ignored, so a client never believes it got what it asked for.
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+               "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}), "suffix": (None, "")}
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    for key, off in UNSUPPORTED.items():
+        value = body.get(key)
+        if not any(value == o and type(value) is type(o) for o in off):
+            raise APIError(400, f"{key}={value!r} is not supported by this server (leave it out)", "unsupported_parameter")
 
 
 def parse_completion(body: dict[str, Any], chat: bool, limits: Limits) -> CompletionRequest:
@@ -123,6 +154,7 @@ def parse_completion(body: dict[str, Any], chat: bool, limits: Limits) -> Comple
         raise APIError(400, "model must be a non-empty string", "invalid_value")
     if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
         raise APIError(400, "only n=1 is supported", "invalid_value")
+    _refuse_unsupported(body)
     default = limits.default_chat_max_tokens if chat else limits.default_max_tokens
     key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     max_tokens = _int(body, key, min(default, limits.max_tokens))

@@ -27,7 +27,7 @@ from models.tokenizer import load_tokenizer
 from models.weight_format import WeightFormat
 from serve.__main__ import ServeOptions, build_app
 from serve.adapters import AdapterRegistry
-from serve.engine import EngineConfig
+from serve.engine import EngineConfig, Job
 from serve.protocol import APIError, Limits
 from serve.server import make_server
 from tests.conftest import TASK_WORDS
@@ -354,3 +354,50 @@ def test_prompt_and_prefix_adapters_are_served_beside_lora_ones(server, run_mode
         for kind in ("prompt", "prefix"):
             call(url + "/admin/adapters/" + kind, method="DELETE")
     assert [m["id"] for m in call(url + "/v1/models")[1]["data"]][1:] == ADAPTERS
+
+
+def test_a_qlora_adapter_alone_is_served_on_the_4bit_base_it_was_trained_on(run_model, tmp_path):
+    """No --dtype, no --load-in-4bit: the base is loaded as the adapter's record says (NF4 quantized from
+    bfloat16, as train.run's QLoRA does), so the server's greedy text equals serve.generate's."""
+    from adapters import load_adapted
+    from models.checkpoint import load_pretrained
+
+    model = load_pretrained(run_model, dtype=torch.bfloat16, quantize="nf4", compute_dtype=torch.bfloat16)
+    config = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    lora.inject_lora(model, config)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in lora.adapter_parameters(model, "default").values():
+            p.copy_(torch.randn_like(p) * 0.4)
+    adapter = lora.save_adapter(model, tmp_path / "qlora", config, run_model)
+    app = build_app(ServeOptions(model=str(run_model), adapters={"q": str(adapter)}, device="cpu"))
+    try:
+        assert app.registry.base_format == WeightFormat(torch.bfloat16, "nf4", torch.bfloat16)
+        tok = load_tokenizer(run_model)
+        served = load_adapted(run_model, adapter, device="cpu").model
+        ids = generate(served, [tok.encode("the tree is")], SamplingConfig(6, stop_ids=tuple(tok.stop_ids)), pad_id=tok.pad_id)[0]
+        job = app.engine.submit(Job(tok.encode("the tree is"), "q", SamplingConfig(6)))
+        text, last = job.result(timeout=120)
+        assert last.kind == "done" and text == tok.decode(ids)
+    finally:
+        app.engine.stop()
+
+
+def test_content_parts_are_read_as_text_and_unsupported_fields_are_refused_by_name():
+    from serve.protocol import parse_completion
+
+    limits = Limits()
+    parts = [{"type": "text", "text": "the sun "}, {"type": "text", "text": "is"}]
+    req = parse_completion({"model": "m", "messages": [{"role": "user", "content": parts}]}, True, limits)
+    assert req.messages == [{"role": "user", "content": "the sun is"}]
+    image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
+    with pytest.raises(APIError, match="text only, got type 'image_url'") as err:
+        parse_completion({"model": "m", "messages": [{"role": "user", "content": image}]}, True, limits)
+    assert err.value.status == 400
+    off = {"logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0.0, "echo": False}
+    assert parse_completion({"model": "m", "prompt": "x", **off}, False, limits).prompt == "x"  # "off" is fine
+    for key, value in [("logprobs", True), ("logprobs", 3), ("top_logprobs", 2), ("presence_penalty", 0.5),
+                       ("frequency_penalty", -1.0), ("repetition_penalty", 1.2), ("echo", True)]:
+        with pytest.raises(APIError, match=f"{key}={value!r} is not supported") as err:
+            parse_completion({"model": "m", "prompt": "x", key: value}, False, limits)
+        assert err.value.status == 400 and err.value.code == "unsupported_parameter"
