@@ -89,6 +89,15 @@ def attach(model: Decoder, directory: str | os.PathLike, name: str = "default") 
     return Adapter(name, directory, kind, base, virtual)
 
 
+def trained_base(directory: str | os.PathLike) -> WeightFormat | None:
+    """The 4-bit base a LoRA adapter must run on, from its record; None when any base serves (a
+    full-precision LoRA, prompt or prefix tuning, or an adapter made elsewhere). Re-quantizing from another
+    dtype would give other 4-bit codes than those the adapter learned against."""
+    directory = adapter_dir(directory)
+    fmt = read_record(directory) if adapter_kind(directory) == "lora" else None
+    return fmt if fmt is not None and fmt.quantize else None
+
+
 def load_adapted(
     base: str | os.PathLike,
     adapter: str | os.PathLike | None = None,
@@ -100,8 +109,8 @@ def load_adapted(
     dtype: the base's dtype (default: the checkpoint's). An adapter trained on a 4-bit base gets the
     base it was trained on (its record's dtype, 4-bit format and compute dtype), whatever `dtype` says.
     """
-    fmt = read_record(adapter_dir(adapter)) if adapter is not None and adapter_kind(adapter) == "lora" else None
-    if fmt is not None and fmt.quantize:
+    fmt = trained_base(adapter) if adapter is not None else None
+    if fmt is not None:
         loaded = load_checkpoint(base, device=device, **fmt.load_kwargs())
     else:
         loaded = load_checkpoint(base, dtype=dtype, device=device)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters import adapter_dir
+from adapters import trained_base
 from models.checkpoint import load_checkpoint
 from models.hub import CheckpointError
 from models.tokenizer import load_tokenizer
-from models.weight_format import WeightFormat, read_record
+from models.weight_format import WeightFormat
 from serve.adapters import AdapterRegistry
 from serve.engine import Engine, EngineConfig
 from serve.protocol import APIError, Limits
@@ -67,7 +67,7 @@ def _trained_base(opts: ServeOptions) -> WeightFormat | None:
     base computes something else than was trained (quantizing from another dtype gives other 4-bit codes)."""
     if opts.dtype is not None or opts.load_in_4bit:
         return None
-    formats = {f for f in (read_record(adapter_dir(d)) for d in opts.adapters.values()) if f is not None and f.quantize}
+    formats = {f for f in map(trained_base, opts.adapters.values()) if f is not None}
     return formats.pop() if len(formats) == 1 else None
 
 
