@@ -1,7 +1,7 @@
 """train.metrics on hand-computed cases; train.early_stopping against transformers' callback.
 
-sacrebleu and nltk are not installable here (no network), so BLEU is checked against values
-worked out by hand below, each with its arithmetic.
+BLEU and chrF are sacreBLEU's; the tests check what this project adds around them (the corpus-level
+call, the 0-100 scale, references laid out per hypothesis) against values worked out by hand.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from train.early_stopping import EarlyStopping, OverfitDetector
-from train.metrics import accuracy, corpus_bleu, exact_match, macro_f1, perplexity
+from train.metrics import accuracy, bleu, chrf, exact_match, macro_f1, perplexity
 
 
 # --- perplexity, accuracy, F1, exact match -------------------------------------------------------------
@@ -46,38 +46,38 @@ def test_macro_f1_out_of_set_predictions():
     assert macro_f1(pred, gold, labels=["a", "b"]) == pytest.approx(1 / 2)
 
 
-# --- BLEU ------------------------------------------------------------------------------------------------
-def test_bleu_perfect_and_zero():
-    assert corpus_bleu(["a b c d e"], ["a b c d e"]).score == pytest.approx(1.0)
-    # "the cat is on the mat" vs "the cat sat on the mat" shares no 4-gram: unsmoothed BLEU is 0.
-    r = corpus_bleu(["the cat is on the mat"], ["the cat sat on the mat"])
-    assert r.score == 0.0 and r.precisions == pytest.approx((5 / 6, 3 / 5, 1 / 4, 0.0))
-
-
-def test_bleu_is_corpus_level():
-    # Pair 1 (above): matches/totals per n = 5/6, 3/5, 1/4, 0/3.  Pair 2 identical 5 tokens: 5/5, 4/4, 3/3, 2/2.
-    # Summed before dividing: p = 10/11, 7/9, 4/7, 2/5; c = r = 11 so BP = 1.
-    # BLEU = (10/11 * 7/9 * 4/7 * 2/5) ** (1/4) = (16/99) ** 0.25 = 0.634047...
-    r = corpus_bleu(["the cat is on the mat", "a b c d e"], ["the cat sat on the mat", "a b c d e"])
-    assert r.precisions == pytest.approx((10 / 11, 7 / 9, 4 / 7, 2 / 5))
-    assert r.brevity_penalty == 1.0 and (r.hyp_len, r.ref_len) == (11, 11)
-    assert r.score == pytest.approx((16 / 99) ** 0.25) and r.score == pytest.approx(0.634047, abs=1e-6)
+# --- BLEU and chrF (sacreBLEU underneath) --------------------------------------------------------------
+def test_bleu_is_corpus_level_on_the_sacrebleu_scale():
+    # Pair 1 matches/totals per n = 5/6, 3/5, 1/4, 0/3; pair 2 (identical, 5 tokens) 5/5, 4/4, 3/3, 2/2.
+    # Corpus level sums before dividing: p = 10/11, 7/9, 4/7, 2/5, c = r = 11, BP = 1, no zero count
+    # (so no smoothing): BLEU = 100 * (16/99) ** 0.25. A mean of sentence scores would differ.
+    hyps, refs = ["the cat is on the mat", "a b c d e"], ["the cat sat on the mat", "a b c d e"]
+    assert bleu(hyps, refs) == pytest.approx(100 * (16 / 99) ** 0.25, abs=1e-9)
+    assert bleu(["a b c d e"], ["a b c d e"]) == pytest.approx(100.0)
 
 
 def test_bleu_brevity_penalty():
-    # All n-gram precisions are 1 (4/4, 3/3, 2/2, 1/1); c = 4, r = 8: BP = exp(1 - 8/4) = e^-1.
-    r = corpus_bleu(["a b c d"], ["a b c d e f g h"])
-    assert r.brevity_penalty == pytest.approx(math.exp(-1))
-    assert r.score == pytest.approx(math.exp(-1))
+    # All n-gram precisions are 1; c = 4, r = 8: BP = exp(1 - 8/4) = e^-1.
+    assert bleu(["a b c d"], ["a b c d e f g h"]) == pytest.approx(100 * math.exp(-1))
 
 
-def test_bleu_clipping_and_multiple_references():
-    # "the the the the the the the" vs refs "the cat is on the mat" (2 x the) / "there is a cat on the mat" (1):
-    # unigram matches clipped to the max reference count 2 -> p1 = 2/7 (Papineni et al.'s example).
-    r = corpus_bleu(["the the the the the the the"], [["the cat is on the mat", "there is a cat on the mat"]])
-    assert r.precisions[0] == pytest.approx(2 / 7)
-    # closest reference length: hyp 7 tokens, refs 6 and 7 -> r = 7, BP = 1
-    assert r.ref_len == 7 and r.brevity_penalty == 1.0
+def test_alternative_references_are_laid_out_per_hypothesis():
+    # Each hypothesis keeps its own alternatives, however many: the first matches its second alternative
+    # exactly, the second has one reference. Transposed wrongly, the first would be scored against "x y z".
+    hyps = ["a b c d e f", "x y z w"]
+    refs = [["q r s", "a b c d e f"], "x y z w"]
+    assert bleu(hyps, refs) == pytest.approx(100.0)
+    assert chrf(hyps, refs) == pytest.approx(100.0)
+    assert bleu(hyps, [["q r s"], "x y z w"]) < 50
+
+
+def test_chrf_gives_credit_for_near_misses():
+    # One missing full stop: no longer an exact match, still most character n-grams.
+    assert exact_match(["Return the sum"], ["Return the sum."]) == 0.0
+    assert 80 < chrf(["Return the sum"], ["Return the sum."]) < 100
+    assert chrf(["zzzz"], ["Return the sum."]) < 10
+    with pytest.raises(ValueError):
+        chrf([], [])
 
 
 # --- early stopping ------------------------------------------------------------------------------------

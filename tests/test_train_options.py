@@ -46,7 +46,7 @@ def test_generation_task_reports_bleu_and_exact_match(run_model, tmp_path):
     data = make_task_data(tmp_path / "gen.jsonl", 60)
     assert main(_base_args(run_model, data, tmp_path / "o", "--task", "generation", "--max-steps", "2")) == 0
     last = [r for r in _rows(tmp_path / "o") if "bleu" in r][-1]
-    assert 0.0 <= last["bleu"] <= 1.0 and 0.0 <= last["exact_match"] <= 1.0
+    assert 0.0 <= last["bleu"] <= 100.0 and 0.0 <= last["chrf"] <= 100.0 and 0.0 <= last["exact_match"] <= 1.0
 
 
 @pytest.mark.parametrize("optim", ["adamw8bit", "paged_adamw8bit"])

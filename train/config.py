@@ -159,7 +159,7 @@ class PromptSettings:
 class EvalConfig:
     """What evaluation measures and when training stops early."""
 
-    task: str = _f("lm", "--task", "lm: loss+perplexity; classification: +accuracy/F1; generation: +BLEU/EM",
+    task: str = _f("lm", "--task", "lm: loss+perplexity; classification: +accuracy/F1; generation: +BLEU/chrF/EM",
                    choices=TASKS)
     eval_every: int = _f(100, "--eval-every", "evaluate every N optimizer steps (0: only at the end)")
     early_stopping_patience: int | None = _f(None, "--early-stopping-patience",

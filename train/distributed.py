@@ -83,8 +83,13 @@ def start(p: Parallel) -> torch.device:
     return device
 
 
-def stop(p: Parallel) -> None:
+def stop(p: Parallel, finished: bool) -> None:
+    """Leave the process group. After a run that `finished` on every rank, first wait for all ranks:
+    gloo aborts the process (SIGABRT) when its group is destroyed while a peer still has work in flight
+    with it, and a rank that is done early would otherwise tear down while rank 0 still writes outputs."""
     if p.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

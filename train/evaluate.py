@@ -4,7 +4,8 @@
     classification  + accuracy and macro-F1: each validation example's completion is one label out of
                     the set of completions seen in validation; the prediction is the label whose tokens
                     the model finds most likely after the prompt (summed log-probability, EOS included)
-    generation      + corpus BLEU-4 and exact match of greedy generations on a sample of validation examples
+    generation      + exact match, and BLEU-4 and chrF (sacreBLEU, 0-100), of greedy generations on a sample
+                    of validation examples
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from train.data import Datasets, Record, generation_prompt
 from train.distributed import Parallel, all_gather
 from train.loader import rank_share
 from train.loop import SINGLE, autocast_context, evaluate_loss
-from train.metrics import accuracy, corpus_bleu, exact_match, macro_f1, perplexity
+from train.metrics import accuracy, bleu, chrf, exact_match, macro_f1, perplexity
 
 
 def evaluate(
@@ -106,7 +107,8 @@ def generation_metrics(model, records: Sequence[Record], tokenizer, device, auto
     predictions, _ = generate_references(model, _split(records, parallel), tokenizer, device, autocast_dtype,
                                          max_new_tokens=longest + 8)
     predictions = _gathered(predictions, parallel)
-    return {"bleu": corpus_bleu(predictions, references).score, "exact_match": exact_match(predictions, references)}
+    return {"bleu": bleu(predictions, references), "chrf": chrf(predictions, references),
+            "exact_match": exact_match(predictions, references)}
 
 
 def generate_references(

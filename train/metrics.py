@@ -1,16 +1,16 @@
 """Evaluation metrics as pure functions of numbers and strings (no model, no torch).
 
-perplexity(loss); accuracy / macro_f1 over label strings (classification); corpus_bleu and
-exact_match over generated strings (generation). Strings are compared after whitespace
+perplexity(loss); accuracy / macro_f1 over label strings (classification); exact_match, and BLEU
+and chrF as sacreBLEU computes them, over generated strings (generation). Strings are compared after whitespace
 normalisation (strip, collapse runs of whitespace), case-sensitively: a label "Positive" generated
 as " Positive\\n" counts, "positive" does not.
 """
 from __future__ import annotations
 
 import math
-from collections import Counter
-from dataclasses import dataclass
 from typing import Sequence
+
+import sacrebleu
 
 
 def normalize(text: str) -> str:
@@ -66,48 +66,23 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     return accuracy(predictions, references)
 
 
-@dataclass(frozen=True)
-class BleuResult:
-    """Corpus BLEU and its parts. `score` in [0, 1] (multiply by 100 for the sacrebleu scale)."""
-
-    score: float
-    precisions: tuple[float, ...]  # modified n-gram precision p_1..p_N, corpus-level
-    brevity_penalty: float
-    hyp_len: int  # c: candidate tokens
-    ref_len: int  # r: effective reference tokens (closest length per sentence)
+def _streams(references: Sequence[str | Sequence[str]]) -> list[list[str]]:
+    """sacreBLEU's layout: one stream per alternative, each as long as the corpus. A hypothesis with
+    fewer alternatives than another pads its stream with None (sacreBLEU then skips it)."""
+    alternatives = [[r] if isinstance(r, str) else list(r) for r in references]
+    width = max(len(a) for a in alternatives)
+    return [[a[i] if i < len(a) else None for a in alternatives] for i in range(width)]
 
 
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def corpus_bleu(
-    hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], max_n: int = 4
-) -> BleuResult:
-    """Papineni et al. corpus BLEU: uniform weights 1/max_n, brevity penalty, no smoothing.
-
-    Whitespace tokenisation. Each reference entry is a string or a list of alternative strings.
-    n-gram matches are clipped by the max count in any reference and summed over the corpus before
-    dividing (corpus-level, not an average of sentence scores). r sums, per sentence, the
-    reference length closest to the hypothesis length (ties -> shorter, as NLTK and sacrebleu).
-    BP = exp(1 - r/c) if c < r else 1. Any p_n = 0 makes the score 0 (unsmoothed).
-    """
+def bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+    """Corpus BLEU-4 as sacreBLEU computes it with its defaults (13a tokenisation, exponential smoothing),
+    on its 0-100 scale: the number papers report. Each reference is a string or a list of alternatives."""
     _check_pairs(hypotheses, references)
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
-    for hyp, refs in zip(hypotheses, references):
-        h = hyp.split()
-        rs = [r.split() for r in ([refs] if isinstance(refs, str) else refs)]
-        hyp_len += len(h)
-        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
-        for n in range(1, max_n + 1):
-            counts = _ngrams(h, n)
-            max_ref = Counter()
-            for r in rs:
-                max_ref |= _ngrams(r, n)  # | keeps the max count per n-gram
-            matches[n - 1] += sum(min(c, max_ref[g]) for g, c in counts.items())
-            totals[n - 1] += sum(counts.values())
-    precisions = tuple(m / t if t else 0.0 for m, t in zip(matches, totals))
-    bp = 1.0 if hyp_len > ref_len else (math.exp(1 - ref_len / hyp_len) if hyp_len else 0.0)
-    score = 0.0 if min(precisions) == 0 else bp * math.exp(sum(math.log(p) for p in precisions) / max_n)
-    return BleuResult(score, precisions, bp, hyp_len, ref_len)
+    return float(sacrebleu.corpus_bleu(list(hypotheses), _streams(references)).score)
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+    """Corpus chrF (character 6-grams, beta 2) as sacreBLEU computes it, 0-100. Softer than BLEU: a
+    near miss in wording still scores, which tells more when few answers are exact."""
+    _check_pairs(hypotheses, references)
+    return float(sacrebleu.corpus_chrf(list(hypotheses), _streams(references)).score)

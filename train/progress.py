@@ -26,7 +26,7 @@ def clock(seconds: float) -> str:
 
 
 def metric_text(metrics: dict) -> str:
-    """'val_loss 2.5760, perplexity 13.14, bleu 0.0470' from an evaluation's metrics."""
+    """'val_loss 2.5760, perplexity 13.14, bleu 4.7035' from an evaluation's metrics."""
     parts = []
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, float):

@@ -262,7 +262,7 @@ def train(cfg: TrainConfig, samples: bool = True, parallel: Parallel = SINGLE, d
 
 def main(argv: list[str] | None = None, prepare: Callable[[TrainConfig, Parallel], None] | None = None) -> int:
     """The command line; `prepare(cfg, parallel)` may fill in settings after parsing (python -m demo does)."""
-    parallel = SINGLE
+    parallel, finished = SINGLE, False
     try:
         cfg = parse_args(argv)
         parallel = dist.from_env(cfg.run.fsdp)
@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None, prepare: Callable[[TrainConfig, Parallel
         if prepare is not None:
             prepare(cfg, parallel)
         train(cfg, parallel=parallel, device=device)
+        finished = True
     except (ConfigError, DataError, CheckpointError, RunError, DivergedError, OSError) as err:
         status, message = exit_status(err, parallel.rank if parallel.enabled else None)
         if status is None:  # an OSError the user cannot fix from outside: a bug to see whole
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None, prepare: Callable[[TrainConfig, Parallel
             print(message, file=sys.stderr)
         return status
     except Preempted as stopped:
+        finished = True  # every rank stops at the same step boundary
         if parallel.is_main:
             print(str(stopped), file=sys.stderr)
         return stopped.status
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None, prepare: Callable[[TrainConfig, Parallel
             print("interrupted: resume with --resume", file=sys.stderr)
         return 130
     finally:
-        dist.stop(parallel)
+        dist.stop(parallel, finished)
     return 0
 
 
