@@ -10,7 +10,6 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-HIGHER_IS_BETTER = {"accuracy", "macro_f1", "exact_match", "bleu", "chrf"}
 METRICS = {"generation": ("exact_match", "bleu", "chrf"), "classification": ("accuracy", "macro_f1")}
 MAIN = {"generation": "chrf", "classification": "accuracy"}  # the metric the claims below quote
 NAMES = {"loss": "loss", "perplexity": "ppl", "exact_match": "exact match", "bleu": "BLEU", "chrf": "chrF",
@@ -24,12 +23,13 @@ class MissingCell(KeyError):
         return f"quality results: missing {self.args[0]}"
 
 
-def recovered(base: float, method: float, full: float) -> float | None:
+def recovered(base: float, method: float, full: float, higher_is_better: bool) -> float | None:
     """Quality recovered: (method - base) / (full - base), the share of full fine-tuning's gain (on loss:
     its drop) that the method achieves; 1 = as good as full, 0 = no better than the untouched base,
-    negative = worse than the base. None when full did not move the metric at all (nothing to share)."""
+    negative = worse than the base. None when full fine-tuning gained nothing on this metric (a share
+    of no gain, or of a loss, means nothing)."""
     gain = full - base
-    if gain == 0 or any(math.isnan(x) for x in (base, method, full)):
+    if any(math.isnan(x) for x in (base, method, full)) or (gain <= 0 if higher_is_better else gain >= 0):
         return None
     return (method - base) / gain
 
@@ -89,15 +89,19 @@ def task_table(name: str, task: dict, rows: list[str], base_params: int) -> tupl
     lines.append("| " + " | ".join(base_cells) + " |")
     for row in rows:
         s = stats[row]
-        rec = [_pct(recovered(base["loss"], s["loss"][0], full["loss"][0])) if full else "n/a"]
-        rec += [_pct(recovered(base[m], s[m][0], full[m][0])) if full else "n/a" for m in metrics]
+        rec = [_pct(recovered(base["loss"], s["loss"][0], full["loss"][0], False)) if full else "n/a"]
+        rec += [_pct(recovered(base[m], s[m][0], full[m][0], True)) if full else "n/a" for m in metrics]
         s["recovered"] = dict(zip(("loss", *metrics), rec))
         cells = [row, f"{s['lr']:g}", f"{s['trainable']:,.0f} ({100 * s['trainable'] / base_params:.2f}%)",
                  f"{s['peak_memory_mib']:,.0f}", f"{s['train_time_s']:.0f}", f"{s['tokens_per_s']:,.0f}",
-                 f"{s['saved_bytes'] / 1e6:,.1f}", _fmt(*s["loss"], 3), _fmt(*s["perplexity"], 1),
+                 _megabytes(s["saved_bytes"]), _fmt(*s["loss"], 3), _fmt(*s["perplexity"], 1),
                  *(_metric(*s[m], m) for m in metrics), *rec]
         lines.append("| " + " | ".join(cells) + " |")
     return lines, stats
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:,.1f}" if n >= 1e6 else f"{n / 1e6:.3f}"
 
 
 def _metric(x: float, spread: float | None, name: str) -> str:
@@ -165,29 +169,36 @@ def claims(tasks: dict, stats: dict[str, dict[str, dict]]) -> list[str]:
             full, lora = rows["full"], rows["lora"]
             lines.append(
                 f"- `{name}`, \"LoRA achieves 95% of full fine-tuning quality with 10% of the cost\": LoRA recovered "
-                f"{lora['recovered']['loss']} of full fine-tuning's test-loss gain and {lora['recovered'][main]} of its "
-                f"{NAMES[main]} gain, with {_pct(lora['peak_memory_mib'] / full['peak_memory_mib'])} of its peak memory, "
+                f"{lora['recovered']['loss']} of full fine-tuning's test-loss gain and {_share(lora, main)}, with {_pct(lora['peak_memory_mib'] / full['peak_memory_mib'])} of its peak memory, "
                 f"{_pct(lora['train_time_s'] / full['train_time_s'])} of its training time and "
                 f"{_pct(lora['saved_bytes'] / full['saved_bytes'])} of its saved size.")
         if "qlora" in rows and "lora" in rows:
             q, lo = rows["qlora"], rows["lora"]
-            spread = max(x for x in (q["loss"][1], lo["loss"][1], 0.0) if x is not None)
+            spreads = [x for x in (q["loss"][1], lo["loss"][1]) if x is not None]
+            noise = f"; seed standard deviations up to {max(spreads):.3f}" if spreads else "; one seed"
             lines.append(
                 f"- `{name}`, \"4-bit QLoRA matches 16-bit LoRA\": test loss {q['loss'][0]:.3f} against {lo['loss'][0]:.3f} "
-                f"(difference {q['loss'][0] - lo['loss'][0]:+.3f}; largest seed spread {spread:.3f}), {NAMES[main]} "
+                f"(difference {q['loss'][0] - lo['loss'][0]:+.3f}{noise}), {NAMES[main]} "
                 f"{_metric(q[main][0], None, main)} against {_metric(lo[main][0], None, main)}, at "
                 f"{_pct(q['peak_memory_mib'] / lo['peak_memory_mib'])} of LoRA's peak memory.")
         soft = [r for r in ("prefix", "prompt") if r in rows]
         if soft:
             lines.append(f"- `{name}`, soft prompts (the seed: quality \"Good\" for prefix, \"Moderate\" for prompt "
-                         "tuning): " + "; ".join(f"{r} recovered {rows[r]['recovered']['loss']} (loss) and "
-                                                 f"{rows[r]['recovered'][main]} ({NAMES[main]})" for r in soft) + ".")
+                         "tuning): " + "; ".join(f"{r} recovered {rows[r]['recovered']['loss']} of the loss gain and "
+                                                 f"{_share(rows[r], main)}" for r in soft) + ".")
         worse = [r for r, s in rows.items() if s["loss"][0] >= base["loss"]]
         lines.append(f"- `{name}`: " + ("every method beats the untouched base on test loss."
                                         if not worse else "no better than the untouched base on test loss "
                                         f"({base['loss']:.3f}): " + ", ".join(f"{r} ({rows[r]['loss'][0]:.3f})" for r in worse)
                                         + "."))
     return lines
+
+
+def _share(stats: dict, metric: str) -> str:
+    share = stats["recovered"][metric]
+    if share == "n/a":
+        return f"no share of a {NAMES[metric]} gain (full fine-tuning did not raise {NAMES[metric]} over the base)"
+    return f"{share} of the {NAMES[metric]} gain"
 
 
 def _task_words(name: str, task: dict) -> str:

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora.lowrank import lora_delta
+from lora.dropout import keep_mask
+from lora.lowrank import drop, lora_delta
 from quant import NF4Weights
 
 
@@ -254,7 +255,7 @@ class LoRALinear(nn.Module):
             x_drop = x
         else:
             # With dropout the base term must see the same dropped input as the adapter.
-            x_drop = dropout(x)
+            x_drop = drop(x, *keep_mask(x.shape, dropout.p, x.device))
             base_result = F.linear(x_drop, weight)
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * B(A(x_drop)) * s
 

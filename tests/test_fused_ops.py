@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora.dropout import keep_mask
 from lora.linear import LoRALinear
 from lora.lowrank import lora_delta
 from models.config import ModelConfig
@@ -117,9 +118,14 @@ def test_swiglu_keeps_only_gate_and_up():
 
 # ------------------------------------------------------------------------------------ LoRA delta
 def module_delta(x, a, b, scaling, p, seed):
-    """The module formula lora_delta replaces: s · B(A(dropout(x.to(A.dtype))))."""
+    """The module formula lora_delta replaces: s · B(A(dropout(x.to(A.dtype)))), dropout as x times a float32
+    noise tensor (mask · scale), the mask drawn by lora.dropout from the same generator state."""
     torch.manual_seed(seed)
-    return F.linear(F.linear(F.dropout(x.to(a.dtype), p, training=p > 0), a), b) * scaling
+    xa = x.to(a.dtype)
+    if p > 0:
+        mask, scale = keep_mask(x.shape, p, x.device)
+        xa = xa * (mask.to(torch.float32) * scale)
+    return F.linear(F.linear(xa, a), b) * scaling
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])

@@ -9,10 +9,13 @@ import warnings
 import peft
 import pytest
 import torch
+from torch import nn
 
 import lora
 import models
 from lora import LoraConfig
+from lora.dropout import keep_mask
+from lora.lowrank import drop
 from tests.conftest import left_padded_batch
 from tests.test_lora import VARIANTS, randomize_adapter
 
@@ -113,17 +116,35 @@ def test_adapter_config_fields(hf_checkpoint, tmp_path):
     assert d["lora_dropout"] == 0.05 and d["use_rslora"] is True and d["use_dora"] is False
 
 
+class OurMasks(nn.Module):
+    """Put in place of PEFT's nn.Dropout: the masks lora.dropout draws, in the same order of layers."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return drop(x, *keep_mask(x.shape, self.p, x.device)) if self.training else x
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("variant", ["lora", "dora"])
-def test_training_step_matches_peft_with_dropout(hf_checkpoint, tmp_path, variant):
-    """Same dropout masks (same seed, same order of draws) -> same logits and same adapter gradients,
-    which checks DoRA's detached weight norm and its dropout handling against PEFT."""
+def test_training_step_matches_peft(hf_checkpoint, tmp_path, variant, dropout):
+    """Train mode: the same logits and the same adapter gradients, which checks DoRA's detached weight norm
+    and where dropout applies. Dropout's masks are ours, not nn.Dropout's (tests/test_dropout.py tests them
+    as dropout), so with dropout on PEFT's dropout modules draw ours, from the same generator state."""
     path, hf = hf_checkpoint("llama")
     ours = models.load_pretrained(path)
-    cfg = LoraConfig(r=4, alpha=8, dropout=0.3, target_modules="all-linear", **VARIANTS[variant])
+    cfg = LoraConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear", **VARIANTS[variant])
     lora.inject_lora(ours, cfg)
     randomize_adapter(ours, std=0.1)
     out = lora.save_adapter(ours, tmp_path / "ours", cfg, base_model_name_or_path=str(path))
     peft_model = peft.PeftModel.from_pretrained(hf, out, is_trainable=True)
+    swapped = 0
+    for module in peft_model.modules():
+        if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict) and dropout:
+            module.lora_dropout["default"] = OurMasks(dropout)
+            swapped += 1
     ids, mask = left_padded_batch(ours.config.vocab_size)
     real = mask.bool()
     with torch.no_grad():
@@ -135,7 +156,8 @@ def test_training_step_matches_peft_with_dropout(hf_checkpoint, tmp_path, varian
     torch.manual_seed(5)
     b = peft_model(input_ids=ids, attention_mask=mask).logits
     assert (a - b).abs()[real].max() <= 1e-4
-    assert not torch.allclose(a, without_dropout)  # dropout really was on
+    assert torch.allclose(a, without_dropout) == (dropout == 0)  # dropout really was on, or off
+    assert swapped == (len(TARGETS["llama"]) * ours.config.num_hidden_layers if dropout else 0)
     a[real].square().mean().backward()
     b[real].square().mean().backward()
     peft_params = dict(peft_model.named_parameters())

@@ -14,12 +14,14 @@ from benchmarks.quality_tasks import TASKS, answer_of, question_of, split_groups
 
 # --- quality recovered ---------------------------------------------------------------------------------
 def test_recovered_is_the_share_of_full_fine_tunings_gain():
-    assert recovered(base=3.0, method=2.5, full=2.0) == pytest.approx(0.5)  # loss: lower is better
-    assert recovered(base=0.10, method=0.30, full=0.50) == pytest.approx(0.5)  # accuracy: higher is better
-    assert recovered(base=3.0, method=1.8, full=2.0) == pytest.approx(1.2)  # better than full
-    assert recovered(base=3.0, method=3.3, full=2.0) == pytest.approx(-0.3)  # worse than the base
-    assert recovered(base=0.2, method=0.2, full=0.2) is None  # full did not move it: nothing to share
-    assert recovered(base=float("nan"), method=1.0, full=2.0) is None
+    assert recovered(base=3.0, method=2.5, full=2.0, higher_is_better=False) == pytest.approx(0.5)  # loss
+    assert recovered(base=0.10, method=0.30, full=0.50, higher_is_better=True) == pytest.approx(0.5)  # accuracy
+    assert recovered(3.0, 1.8, 2.0, False) == pytest.approx(1.2)  # better than full
+    assert recovered(3.0, 3.3, 2.0, False) == pytest.approx(-0.3)  # worse than the base
+    assert recovered(0.2, 0.2, 0.2, True) is None  # full did not move it: nothing to share
+    # full made it worse: a share of a loss is no share (BLEU 27 -> 26 under full, 25 under a method is not "200%")
+    assert recovered(27.0, 25.0, 26.0, True) is None and recovered(2.0, 2.5, 2.2, False) is None
+    assert recovered(float("nan"), 1.0, 2.0, False) is None
 
 
 def test_mean_and_spread_over_seeds():
@@ -33,7 +35,7 @@ def test_mean_and_spread_over_seeds():
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_no_test_question_or_answer_is_seen_in_training_or_validation(name):
     task = TASKS[name]()
-    assert len(task.test) >= 100 and len(task.val) >= 100 and len(task.train) > len(task.test)
+    assert len(task.test) >= 100 and len(task.val) >= 60 and len(task.train) > len(task.test)
     seen_questions = {question_of(r) for r in task.train + task.val}
     assert not {question_of(r) for r in task.test} & seen_questions
     if task.kind == "generation":  # a classification answer is a label, seen in training by design

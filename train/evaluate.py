@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from models.decoder import KVCache
 from models.generate import SamplingConfig, generate
 from train.data import Datasets, Record, generation_prompt
 from train.distributed import Parallel, all_gather
@@ -66,19 +67,31 @@ def _gathered(predictions: list, parallel: Parallel) -> list:
 def label_log_likelihoods(
     model: nn.Module, prompt: list[int], labels: list[list[int]], device: torch.device, autocast_dtype
 ) -> list[float]:
-    """Summed log-probability of each label's tokens after `prompt`, scored as one right-padded batch."""
-    rows = [prompt + lab for lab in labels]
-    T = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
+    """Summed log-probability of each label's tokens after `prompt`.
+
+    The prompt runs once into a KV cache, which is then copied for every label: the labels' tokens
+    (right-padded, which cannot change the positions before the padding) run as one batch on top of it.
+    Prompts are long and labels short, so this costs about one prompt instead of one per label.
+    """
+    n, P, L = len(labels), len(prompt), max(len(lab) for lab in labels)
     with autocast_context(device, autocast_dtype):
-        logits = model(ids.to(device)).float()
-    logp = torch.log_softmax(logits, dim=-1)
-    scores = []
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.embedding_dtype
+        cache = KVCache.empty(model.config, 1, model.num_virtual_tokens + P + L, dtype, device)
+        ids = torch.tensor([prompt], device=device)
+        first = torch.log_softmax(model(ids, attention_mask=torch.ones_like(ids), cache=cache)[0, -1].float(), -1)
+        scores = [float(first[lab[0]]) for lab in labels]
+        if L == 1:
+            return scores
+        cache.keys = [k.expand(n, -1, -1, -1).contiguous() for k in cache.keys]
+        cache.values = [v.expand(n, -1, -1, -1).contiguous() for v in cache.values]
+        rest = torch.zeros((n, L - 1), dtype=torch.long, device=device)
+        for i, lab in enumerate(labels):
+            rest[i, : len(lab) - 1] = torch.tensor(lab[:-1], device=device)
+        mask = torch.ones((n, P + L - 1), dtype=torch.long, device=device)
+        logp = torch.log_softmax(model(rest, attention_mask=mask, cache=cache).float(), -1)  # [n, L-1, V]
     for i, lab in enumerate(labels):
-        pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(lab), device=device)
-        scores.append(float(logp[i, pos, torch.tensor(lab, device=device)].sum()))
+        if len(lab) > 1:
+            scores[i] += float(logp[i, torch.arange(len(lab) - 1, device=device), torch.tensor(lab[1:], device=device)].sum())
     return scores
 
 
