@@ -5,7 +5,8 @@
     python -m benchmarks.quality --device cuda      # the same protocol with a GPU-sized budget
     python -m benchmarks.quality --report-only      # QUALITY.md and the plot again from the JSON
 
-Writes benchmarks/QUALITY.md, benchmarks/quality.png and benchmarks/results/quality[-quick].json.
+Writes benchmarks/QUALITY[-quick|-cuda].md, its plot quality[-quick|-cuda].png and
+benchmarks/results/quality[-quick|-cuda].json.
 
 Protocol, per task (benchmarks.quality_tasks: fixed train / validation / test splits):
 1. Row 0 is the untouched base, scored on the test split.
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="base model (default: the shipped SmolLM2-135M-Instruct GGUF)")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated method rows to run")
     ap.add_argument("--json", type=Path, help="results file (default benchmarks/results/quality[-quick|-cuda].json)")
-    ap.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "QUALITY.md")
+    ap.add_argument("--markdown", type=Path, help="report (default benchmarks/QUALITY[-quick|-cuda].md)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from --json without running")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -268,17 +269,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--rows: unknown {', '.join(unknown)} (choose from {', '.join(ROWS)})", file=sys.stderr)
         return 2
     name = "quick" if args.quick else args.device
-    path = args.json or ROOT / "benchmarks" / "results" / ("quality.json" if name == "cpu" else f"quality-{name}.json")
+    suffix = "" if name == "cpu" else f"-{name}"
+    path = args.json or ROOT / "benchmarks" / "results" / f"quality{suffix}.json"
+    markdown = args.markdown or ROOT / "benchmarks" / f"QUALITY{suffix}.md"
     if not args.report_only:
         results = run(args, name, rows)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
     try:
-        write_report(json.loads(path.read_text()), args.markdown, args.markdown.with_name("quality.png"))
+        write_report(json.loads(path.read_text()), markdown, markdown.with_name(f"quality{suffix}.png"))
     except (OSError, ValueError, MissingCell) as err:
         print(f"{path}: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.markdown} from {path}")
+    print(f"wrote {markdown} from {path}")
     return 0
 
 

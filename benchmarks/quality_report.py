@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 METRICS = {"generation": ("exact_match", "bleu", "chrf"), "classification": ("accuracy", "macro_f1")}
-MAIN = {"generation": "chrf", "classification": "accuracy"}  # the metric the claims below quote
+MAIN = {"generation": "bleu", "classification": "accuracy"}  # the metric the claims below quote
 NAMES = {"loss": "loss", "perplexity": "ppl", "exact_match": "exact match", "bleu": "BLEU", "chrf": "chrF",
          "accuracy": "accuracy", "macro_f1": "macro-F1"}
 
@@ -23,13 +23,16 @@ class MissingCell(KeyError):
         return f"quality results: missing {self.args[0]}"
 
 
-def recovered(base: float, method: float, full: float, higher_is_better: bool) -> float | None:
+def recovered(base: float, method: float, full: float, higher_is_better: bool, noise: float | None = None) -> float | None:
     """Quality recovered: (method - base) / (full - base), the share of full fine-tuning's gain (on loss:
     its drop) that the method achieves; 1 = as good as full, 0 = no better than the untouched base,
-    negative = worse than the base. None when full fine-tuning gained nothing on this metric (a share
-    of no gain, or of a loss, means nothing)."""
+    negative = worse than the base. None when full fine-tuning gained nothing on this metric, or less
+    than twice `noise` (the metric's standard deviation over seeds): a share of no gain, of a loss or of
+    noise means nothing (a gain of 0.3 chrF among spreads of 1 would turn 1 chrF point into "300%")."""
     gain = full - base
     if any(math.isnan(x) for x in (base, method, full)) or (gain <= 0 if higher_is_better else gain >= 0):
+        return None
+    if noise is not None and abs(gain) <= 2 * noise:
         return None
     return (method - base) / gain
 
@@ -79,6 +82,8 @@ def task_table(name: str, task: dict, rows: list[str], base_params: int) -> tupl
     metrics = METRICS[task["kind"]]
     stats = {row: row_stats(task, row, where) for row in rows}
     full = stats.get("full")
+    # the noise level of each metric: its largest standard deviation over seeds in any row of this table
+    noise = {m: max((s[m][1] for s in stats.values() if s[m][1] is not None), default=None) for m in ("loss", *metrics)}
     head = ["Method", "lr", "Trainable", "Peak MiB", "Train s", "tokens/s", "Saved MB", "Test loss", "ppl",
             *(NAMES[m] for m in metrics), "Recovered (loss)", *(f"Recovered ({NAMES[m]})" for m in metrics)]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -89,8 +94,8 @@ def task_table(name: str, task: dict, rows: list[str], base_params: int) -> tupl
     lines.append("| " + " | ".join(base_cells) + " |")
     for row in rows:
         s = stats[row]
-        rec = [_pct(recovered(base["loss"], s["loss"][0], full["loss"][0], False)) if full else "n/a"]
-        rec += [_pct(recovered(base[m], s[m][0], full[m][0], True)) if full else "n/a" for m in metrics]
+        rec = [_pct(recovered(base["loss"], s["loss"][0], full["loss"][0], False, noise["loss"])) if full else "n/a"]
+        rec += [_pct(recovered(base[m], s[m][0], full[m][0], True, noise[m])) if full else "n/a" for m in metrics]
         s["recovered"] = dict(zip(("loss", *metrics), rec))
         cells = [row, f"{s['lr']:g}", f"{s['trainable']:,.0f} ({100 * s['trainable'] / base_params:.2f}%)",
                  f"{s['peak_memory_mib']:,.0f}", f"{s['train_time_s']:.0f}", f"{s['tokens_per_s']:,.0f}",
@@ -137,7 +142,8 @@ def render(results: dict) -> str:
            f"Learning rates: x{', x'.join(f'{f:g}' for f in results.get('lr_factors', ()))} the method's default, "
            f"chosen by validation loss (seed 0); test numbers are the mean ± standard deviation over seeds "
            f"{', '.join(map(str, budget['seeds']))} at the chosen rate. Recovered = (method - base) / (full - base) "
-           "on the mean: 100% is full fine-tuning's gain, 0% the untouched base's score.", ""]
+           "on the mean: 100% is full fine-tuning's gain, 0% the untouched base's score; n/a where full fine-tuning "
+           "gained nothing, or less than twice the metric's largest standard deviation over seeds in the table.", ""]
     tasks = need(results, "tasks", "results")
     all_stats = {}
     for name, task in tasks.items():
@@ -197,7 +203,8 @@ def claims(tasks: dict, stats: dict[str, dict[str, dict]]) -> list[str]:
 def _share(stats: dict, metric: str) -> str:
     share = stats["recovered"][metric]
     if share == "n/a":
-        return f"no share of a {NAMES[metric]} gain (full fine-tuning did not raise {NAMES[metric]} over the base)"
+        return (f"no share of a {NAMES[metric]} gain (full fine-tuning did not raise {NAMES[metric]} over the base "
+                "by more than twice its spread over seeds)")
     return f"{share} of the {NAMES[metric]} gain"
 
 

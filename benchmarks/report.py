@@ -39,6 +39,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "memory_smollm2": ("benchmarks.memory_breakdown", ["--shape", "smollm2-135m", "--seq", "512", "--batch", "2"]),
     "methods": ("benchmarks.methods", []),
     "scaling": ("benchmarks.scaling", ["--quick", "--png", "benchmarks/results/scaling.png"]),
+    "dropout": ("benchmarks.dropout", []),
 }
 BEFORE_COMMIT = "b23434d"  # the code before the activation-memory work (results/before_*.json)
 LOSS_COMMIT = "ecc8aaa"  # loss chunks sized in bytes; results/pre_ecc8aaa_*.json were measured just before it
@@ -204,6 +205,20 @@ def machine_line(doc: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ document
+def dropout_table(d: dict) -> str:
+    """Mask draw time and LoRA step time under each mask path, measured in one process."""
+    names = list(d["mask_ms"])
+    before, after = names
+    lines = [f"SmolLM2-135M's shape, {d['batch']} x {d['seq']} tokens, p = {d['p']}, LoRA r 16 on q,k,v,o, bf16 autocast; "
+             "the two paths alternate in one process (median step of each round, median over rounds).", "",
+             "| mask path | one mask (ms) | LoRA step (s) | tokens/s |", "|---|---:|---:|---:|"]
+    for name in names:
+        lines.append(f"| {name} | {d['mask_ms'][name]:.2f} | {d['step_s'][name]:.3f} | {d['tokens_per_s'][name]:,.0f} |")
+    lines += ["", f"after / before: masks {d['mask_ms'][before] / d['mask_ms'][after]:.1f}x faster, step "
+              f"{d['step_s'][before] / d['step_s'][after]:.2f}x the tokens/s."]
+    return "\n".join(lines)
+
+
 def render() -> str:
     docs = {n: load(n) for n in RUNS}
     docs.update({n: load(n) for n in ("gpu_vs_hf_smollm2", "gpu_vs_hf_qwen05b", "gpu_scaling")})
@@ -245,6 +260,9 @@ def render() -> str:
     if docs.get("methods"):
         out += ["## Every method on one model (`python -m benchmarks.methods`)", "", methods_table(docs["methods"]), "",
                 METHODS_NOTES, ""]
+    if docs.get("dropout"):
+        out += ["## LoRA dropout masks, before and after (`python -m benchmarks.dropout`)", "", dropout_table(docs["dropout"]),
+                ""]
     if docs.get("scaling"):
         out += ["## Scaling with sequence length and model size (`python -m benchmarks.scaling --quick`)", "",
                 "![scaling](results/scaling.png)", "", scaling_table(docs["scaling"]), ""]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,6 +28,7 @@ from serve.protocol import APIError, Limits
 from serve.server import App, make_server
 
 log = logging.getLogger("serve")
+API_KEY_ENV = "FTKIT_API_KEY"
 
 
 @dataclass
@@ -36,7 +39,8 @@ class ServeOptions:
     adapter_root: str | None = None
     dtype: str | None = None
     device: str | None = None
-    served_model_name: str | None = None  # the base's name in `model` fields (default: --model as given)
+    served_model_name: str | None = None  # the base's name in `model` fields (default: default_name(model))
+    api_key: str | None = None  # every endpoint but /health wants "Authorization: Bearer <key>"
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
 
@@ -52,13 +56,24 @@ def build_app(opts: ServeOptions):
     else:
         base = load_checkpoint(opts.model, dtype=opts.dtype, device=device, quantize="nf4" if opts.load_in_4bit else None)
     engine = Engine(base.model, tokenizer, opts.engine)
-    registry = AdapterRegistry(base.model, engine.lock, opts.served_model_name or opts.model, opts.adapter_root,
-                               base.format)
+    registry = AdapterRegistry(base.model, engine.lock, opts.served_model_name or default_name(opts.model),
+                               opts.adapter_root, base.format, aliases=(opts.model,))
     engine.has_adapter = registry.has
     engine.virtual_tokens = registry.virtual_tokens
     for name, directory in opts.adapters.items():  # the operator's own command line: not limited to the root
         registry.load(name, directory)
-    return App(engine.start(), registry, tokenizer, opts.limits)
+    return App(engine.start(), registry, tokenizer, opts.limits, api_key=opts.api_key)
+
+
+def default_name(model: str) -> str:
+    """The base's name in /v1/models: a local directory's or file's own name (no path: it says nothing to
+    a client and may say too much about the server), a hub id as it is."""
+    path = Path(model)
+    if path.is_dir():
+        return path.resolve().name
+    if path.is_file():
+        return path.stem if path.suffix == ".gguf" else path.name
+    return model
 
 
 def _trained_base(opts: ServeOptions) -> WeightFormat | None:
@@ -87,7 +102,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--load-in-4bit", action="store_true", help="quantize the base to NF4 while loading")
     p.add_argument("--adapter-root", help="enables POST/DELETE /admin/adapters for directories under this one")
-    p.add_argument("--served-model-name", help="the base's name in requests (default: --model as given)")
+    p.add_argument("--served-model-name", help="the base's name in requests and /v1/models (default: the model "
+                   "directory's or file's name, or the hub id; --model as given is accepted too)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help="require 'Authorization: Bearer KEY' on "
+                   f"every endpoint but /health (default: ${API_KEY_ENV} when set)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--max-batch", type=int, default=16, help="requests per batch at most")
@@ -106,7 +124,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         raise SystemExit("error: an adapter name is given twice")
     return ServeOptions(
         model=args.model, adapters=dict(args.adapter), load_in_4bit=args.load_in_4bit, adapter_root=args.adapter_root,
-        dtype=args.dtype, device=args.device, served_model_name=args.served_model_name,
+        dtype=args.dtype, device=args.device, served_model_name=args.served_model_name, api_key=args.api_key or None,
         engine=EngineConfig(args.max_batch, args.batch_window_ms / 1000, not args.no_cross_adapter_batching),
         limits=Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                       max_tokens=args.max_tokens_limit),
@@ -123,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server = make_server(app, args.host, args.port)
     host, port = server.server_address[:2]
-    logging.getLogger("serve").info("serving %s (+%d adapters) on http://%s:%d", app.registry.base_name,
-                                    len(app.registry.names), host, port)
+    logging.getLogger("serve").info("serving %s (+%d adapters) on http://%s:%d%s", app.registry.base_name,
+                                    len(app.registry.names), host, port,
+                                    "; requests need an API key" if app.api_key else "")
     # SIGTERM (docker stop, systemd) shuts down as Ctrl-C does; shutdown() must come from another thread.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     try:

@@ -29,10 +29,11 @@ class AdapterRegistry:
     """Adapter name -> Adapter, kept in step with the adapters on `model` (held as `base_format`)."""
 
     def __init__(self, model: Decoder, lock: threading.Lock, base_name: str, root: str | Path | None,
-                 base_format: WeightFormat) -> None:
+                 base_format: WeightFormat, aliases: tuple[str, ...] = ()) -> None:
         self.model = model
         self.lock = lock
         self.base_name = base_name
+        self.aliases = set(aliases) - {base_name}  # other names a request may give the base by (--model as given)
         self.root = Path(root).resolve() if root is not None else None
         self.base_format = base_format
         self._adapters: dict[str, Adapter] = {}
@@ -53,7 +54,7 @@ class AdapterRegistry:
 
     def resolve(self, model_field: str) -> str | None:
         """A request's `model` -> adapter name (None: the base alone); 404 for anything else."""
-        if model_field == self.base_name:
+        if model_field == self.base_name or model_field in self.aliases:
             return None
         if model_field in self._adapters:
             return model_field
@@ -72,7 +73,7 @@ class AdapterRegistry:
 
     def load(self, name: str, directory: str | Path) -> None:
         """Register adapter `name` from `directory` (LoRA/QLoRA/prompt/prefix, ours or PEFT's); 4xx APIError when refused."""
-        if not isinstance(name, str) or not NAME.fullmatch(name) or name == self.base_name:
+        if not isinstance(name, str) or not NAME.fullmatch(name) or name == self.base_name or name in self.aliases:
             raise APIError(400, f"adapter name {name!r}: 1-64 of A-Z a-z 0-9 . _ : -, not the base's name", "invalid_name")
         directory = Path(directory)
         if not directory.is_dir():

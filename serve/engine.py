@@ -25,6 +25,7 @@ import torch
 from lora.inject import per_row_adapters
 from models.decoder import KVCache
 from models.generate import SamplingConfig, left_pad, sample_next
+from serve.penalties import Penalties, penalize
 from serve.stops import TextStream
 
 log = logging.getLogger("serve")
@@ -46,6 +47,13 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length", on "done"
     completion_tokens: int = 0
     error: BaseException | None = None
+    # on "done" when the job asked for logprobs: (token id, logprob, top alternatives) per generated token
+    # (the stop token left out), and with echo the same per prompt token (the first one's logprob None)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+TokenLogprob = tuple[int, "float | None", list[tuple[int, float]]]
 
 
 @dataclass(eq=False)  # identity: two requests with the same fields are still two requests
@@ -56,6 +64,9 @@ class Job:
     adapter: str | None
     sampling: SamplingConfig  # its stop_ids are ignored: every row stops at the tokenizer's stop tokens
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one found
+    penalties: Penalties = Penalties()  # presence / frequency / repetition (serve.penalties)
+    logprobs: int | None = None  # report each token's logprob and this many top alternatives (None: off)
+    echo: bool = False  # with logprobs: the prompt tokens' logprobs too
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -93,31 +104,54 @@ class _Row:
         self.text = TextStream(decode, job.stop)
         self.stop_ids = stop_ids
         self.done = False
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = None
         self.generator = None
         if job.sampling.seed is not None:  # the same stream of samples as generate() with this seed alone
             self.generator = torch.Generator(device=device).manual_seed(job.sampling.seed)
 
-    def push(self, token: int) -> None:
+    def push(self, token: int, logprobs: torch.Tensor | None = None) -> None:
+        """Take the sampled token; `logprobs` [V]: the distribution it was drawn from (when asked for)."""
         if self.job.cancelled.is_set():  # the client went away
             self.done = True
             return
+        if logprobs is not None and token not in self.stop_ids:
+            self.logprobs.append(_token_logprob(logprobs, token, self.job.logprobs))
         if token in self.stop_ids:
             self.text.tokens.append(token)
-            return self._finish("stop")
+            return self.finish("stop")
         delta = self.text.feed(token)
         if delta:
             self.job.events.put(Event("text", delta))
         if self.text.stopped:
-            self._finish("stop")
+            self.finish("stop")
         elif len(self.text.tokens) >= self.job.sampling.max_new_tokens:
-            self._finish("length")
+            self.finish("length")
 
-    def _finish(self, reason: str) -> None:
+    def finish(self, reason: str) -> None:
         rest = self.text.flush()
         if rest:
             self.job.events.put(Event("text", rest))
-        self.job.events.put(Event("done", finish_reason=reason, completion_tokens=len(self.text.tokens)))
+        asked = self.job.logprobs is not None
+        self.job.events.put(Event("done", finish_reason=reason, completion_tokens=len(self.text.tokens),
+                                  logprobs=self.logprobs if asked else None, prompt_logprobs=self.prompt_logprobs))
         self.done = True
+
+
+def _token_logprob(logprobs: torch.Tensor, token: int, top: int | None) -> TokenLogprob:
+    """(token, its logprob, the `top` most likely tokens with theirs) from one position's logprobs [V]."""
+    alternatives = []
+    if top:
+        values, ids = logprobs.topk(top)
+        alternatives = list(zip(ids.tolist(), values.tolist()))
+    return token, float(logprobs[token]), alternatives
+
+
+def prompt_logprobs(logprobs: torch.Tensor, prompt: list[int], top: int | None) -> list[TokenLogprob]:
+    """Per prompt token, its logprob given the tokens before it; logprobs [T, V] over the row's positions
+    (the last T = len(prompt) of a left-padded row). The first token has no context: None."""
+    first: TokenLogprob = (prompt[0], None, [])
+    return [first] + [_token_logprob(logprobs[j - 1], prompt[j], top) for j in range(1, len(prompt))]
 
 
 class Engine:
@@ -234,14 +268,20 @@ class Engine:
         step_ids = ids
         lora_names = [None if virtual is not None else j.adapter for j in jobs]
         with per_row_adapters(self.model, lora_names), self._virtual_attached(virtual):
-            for _ in range(steps):
-                logits = self.model(step_ids, attention_mask=mask, cache=cache)[:, -1].float()
+            for step in range(max(steps, 1)):  # one forward at least: max_tokens 0 with echo scores the prompt
+                out = self.model(step_ids, attention_mask=mask, cache=cache)
                 self.stats.forwards += 1
-                nxt = self._sample(logits, rows)
+                if step == 0:
+                    self._echo(out, rows)
+                logits = out[:, -1].float()
+                for row in rows:
+                    if not row.done and row.job.sampling.max_new_tokens == 0:
+                        row.finish("length")
+                logits, nxt = self._sample(logits, rows)
                 alive = torch.tensor([not r.done for r in rows], device=self.device)
-                for row, token in zip(rows, nxt.tolist()):
+                for i, (row, token) in enumerate(zip(rows, nxt.tolist())):
                     if not row.done:
-                        row.push(token)
+                        row.push(token, torch.log_softmax(logits[i], -1) if row.job.logprobs is not None else None)
                 if all(r.done for r in rows):
                     break
                 # Finished rows go on as padding, masked out of every later step (as generate() does).
@@ -271,11 +311,25 @@ class Engine:
         return dtype
 
     @staticmethod
-    def _sample(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """Greedy rows in one argmax; sampled rows one by one, each with its own temperature, top_p, seed."""
+    def _echo(out: torch.Tensor, rows: list[_Row]) -> None:
+        """The prompt tokens' logprobs of rows that echo them, from the first forward's logits [B, T, V]."""
+        for i, row in enumerate(rows):
+            if row.job.echo and row.job.logprobs is not None:
+                prompt = row.job.prompt_ids
+                logprobs = torch.log_softmax(out[i, out.shape[1] - len(prompt):].float(), -1)
+                row.prompt_logprobs = prompt_logprobs(logprobs, prompt, row.job.logprobs)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the logits the tokens are drawn from, the tokens): greedy rows in one argmax, sampled rows one by
+        one, each with its own temperature, top_p, seed. A row's penalties change its logits first
+        (logits: [B, V] float32, this step's own copy)."""
+        for i, row in enumerate(rows):
+            if not row.done and not row.job.penalties.off:
+                logits[i] = penalize(logits[i], row.job.prompt_ids, row.text.tokens, row.job.penalties)
         nxt = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             s = row.job.sampling
             if not row.done and s.temperature > 0:
                 nxt[i] = sample_next(logits[i : i + 1], s, row.generator)[0]
-        return nxt
+        return logits, nxt

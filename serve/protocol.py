@@ -41,13 +41,18 @@ class CompletionRequest:
 
     model: str
     chat: bool
-    prompt: str | None = None
+    prompts: tuple[str | tuple[int, ...], ...] = ()  # /v1/completions: texts or token ids, one choice each
     messages: list[dict[str, str]] | None = None
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: minus this from a token's logit once it has been generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the times a token has been generated
+    repetition_penalty: float = 1.0  # CTRL's (and transformers'): logits of prompt and generated tokens
+    logprobs: int | None = None  # alternatives per token to report (0: the chosen token's only); None: off
+    echo: bool = False  # /v1/completions: the answer starts with the prompt (and its logprobs, if asked)
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk carrying usage
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
@@ -95,13 +100,41 @@ def _stops(body: dict, limits: Limits) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _prompt(body: dict) -> str:
+def _prompts(body: dict) -> tuple[str | tuple[int, ...], ...]:
+    """`prompt` in the forms the OpenAI API allows: a string, a list of strings, a list of token ids, or a
+    list of token-id lists (what lm-evaluation-harness sends); one choice per prompt."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:  # OpenAI accepts a batch; one prompt per request here
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise APIError(400, "prompt must be a non-empty string", "invalid_value")
-    return prompt
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and _is_ids(prompt)):
+        prompt = [prompt]
+    ok = isinstance(prompt, list) and prompt and all((isinstance(p, str) and p) or (isinstance(p, list) and p and _is_ids(p))
+                                                     for p in prompt)
+    if not ok:
+        raise APIError(400, "prompt must be a non-empty string, a list of them, a list of token ids or a list of "
+                            "token-id lists", "invalid_value")
+    return tuple(p if isinstance(p, str) else tuple(p) for p in prompt)
+
+
+def _is_ids(values: list) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Completions: `logprobs` N (0-20) alternatives per token. Chat: `logprobs` true, `top_logprobs` N (0-20)."""
+    if chat:
+        on = body.get("logprobs")
+        if on is not None and not isinstance(on, bool):
+            raise APIError(400, "logprobs must be a boolean for chat completions", "invalid_value")
+        top = _int(body, "top_logprobs", None)
+        if top is not None and not on:
+            raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value")
+        value = (top or 0) if on else None
+    else:
+        value = None if body.get("logprobs") is False else _int(body, "logprobs", None)
+        if body.get("top_logprobs") not in (None, 0):
+            raise APIError(400, "top_logprobs is a chat parameter: /v1/completions takes logprobs N", "invalid_value")
+    if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"at most {MAX_TOP_LOGPROBS} top logprobs, got {value}", "invalid_value")
+    return value
 
 
 def _messages(body: dict) -> list[dict[str, str]]:
@@ -135,9 +168,8 @@ def _content(content: Any) -> str:
 
 # Fields this server does not implement, with the value that means "off": any other value is refused by
 # name (400) rather than ignored, so a client never believes it got what it asked for.
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-               "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}), "suffix": (None, "")}
+UNSUPPORTED = {"logit_bias": (None, {}), "suffix": (None, "")}
+MAX_TOP_LOGPROBS = 20
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -155,27 +187,41 @@ def parse_completion(body: dict[str, Any], chat: bool, limits: Limits) -> Comple
     if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
         raise APIError(400, "only n=1 is supported", "invalid_value")
     _refuse_unsupported(body)
+    echo = body.get("echo", False)
+    if echo not in (None, False) and (chat or not isinstance(echo, bool)):
+        raise APIError(400, "echo must be a boolean, and only /v1/completions has it", "invalid_value")
+    echo = bool(echo)
     default = limits.default_chat_max_tokens if chat else limits.default_max_tokens
     key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     max_tokens = _int(body, key, min(default, limits.max_tokens))
-    if max_tokens is None or max_tokens < 1:
-        raise APIError(400, f"{key} must be at least 1", "invalid_value")
+    if max_tokens is None or max_tokens < (0 if echo else 1):  # 0 with echo: score the prompt only
+        raise APIError(400, f"{key} must be at least 1 (0 only with echo)", "invalid_value")
     if max_tokens > limits.max_tokens:
         raise APIError(400, f"{key}={max_tokens} is over this server's limit of {limits.max_tokens}", "max_tokens_too_large")
     stream = body.get("stream", False)
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError(400, "stream must be a boolean and stream_options an object", "invalid_value")
+    prompts = () if chat else _prompts(body)
+    logprobs = _logprobs(body, chat)
+    if stream and (len(prompts) > 1 or logprobs is not None or echo):
+        raise APIError(400, "a streamed request takes one prompt, without logprobs or echo (ask without "
+                            "stream for those)", "unsupported_parameter")
     return CompletionRequest(
         model=model,
         chat=chat,
-        prompt=None if chat else _prompt(body),
+        prompts=prompts,
         messages=_messages(body) if chat else None,
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         stop=_stops(body, limits),
         seed=_int(body, "seed", None),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
+        logprobs=logprobs,
+        echo=echo,
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
     )
@@ -189,12 +235,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _choice(req: CompletionRequest, text: str | None, finish: str | None, stream: bool) -> dict[str, Any]:
+def _choice(req: CompletionRequest, text: str | None, finish: str | None, stream: bool, index: int = 0,
+            logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if not req.chat:
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     if not stream:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-    return {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish}
+    return {"index": index, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
 
 
 def _envelope(req: CompletionRequest, stream: bool) -> dict[str, Any]:
@@ -203,9 +251,37 @@ def _envelope(req: CompletionRequest, stream: bool) -> dict[str, Any]:
     return {"id": prefix + req.id, "object": kind, "created": req.created, "model": req.model}
 
 
-def completion(req: CompletionRequest, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {**_envelope(req, False), "choices": [_choice(req, text, finish, False)],
-            "usage": usage(prompt_tokens, completion_tokens)}
+@dataclass
+class Answer:
+    """One choice of a non-streamed answer."""
+
+    text: str
+    finish_reason: str
+    logprobs: dict[str, Any] | None = None  # already in the endpoint's shape (completion_logprobs / chat_logprobs)
+
+
+def completion(req: CompletionRequest, answers: list[Answer], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    choices = [_choice(req, a.text, a.finish_reason, False, i, a.logprobs) for i, a in enumerate(answers)]
+    return {**_envelope(req, False), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_logprobs(entries: list[tuple[str, float | None, dict[str, float] | None]], offset: int = 0) -> dict[str, Any]:
+    """/v1/completions' logprobs object from (token text, logprob, {alternative text: logprob}) per token;
+    text_offset counts characters from the start of the returned text."""
+    offsets = []
+    for text, _, _ in entries:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [top for _, _, top in entries], "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict[str, Any]:
+    """/v1/chat/completions' logprobs object: per token its text, logprob, UTF-8 bytes and top alternatives."""
+    def item(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in top]} for t, lp, top in entries]}
 
 
 def chunk(req: CompletionRequest, text: str | None, finish: str | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ and nothing else.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import queue
@@ -19,6 +20,7 @@ from models.generate import SamplingConfig
 from serve import protocol
 from serve.adapters import AdapterRegistry
 from serve.engine import Engine, Job
+from serve.penalties import Penalties
 from serve.protocol import APIError, CompletionRequest, Limits
 
 log = logging.getLogger("serve")
@@ -34,13 +36,15 @@ class App:
     tokenizer: Any
     limits: Limits
     request_timeout_s: float = 600.0  # a handler never waits forever on a wedged engine
+    api_key: str | None = None  # when set, every endpoint but /health wants "Authorization: Bearer <key>"
 
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "ftkit-serve"
-    # HTTP/1.0: one request per connection, so a server-sent event stream simply ends with the
-    # connection, without chunked encoding.
-    protocol_version = "HTTP/1.0"
+    # HTTP/1.1: a client keeps its connection for many requests (every answer has a Content-Length,
+    # streams use chunked transfer encoding). A request whose body was not read closes the connection,
+    # since the unread bytes would otherwise be taken for the next request.
+    protocol_version = "HTTP/1.1"
     timeout = 60  # seconds a socket read/write may stall: an idle or trickling client frees its thread
     app: App  # set on the subclass make_server builds
 
@@ -60,7 +64,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        self._body_read = False
         try:
+            self._authorize(path)
             self._route(method, path)
         except APIError as err:
             self._send_json(err.status, err.body())
@@ -69,6 +75,17 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as err:
             log.exception("%s %s failed", method, path)
             self._send_json(500, APIError(500, f"internal error: {type(err).__name__}", "internal_error", "server_error").body())
+
+    def _authorize(self, path: str) -> None:
+        """401 unless the request carries the server's API key (health checks need none: load balancers
+        and orchestrators probe it without credentials)."""
+        key = self.app.api_key
+        if key is None or path == "/health":
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           "invalid_api_key")
 
     def _route(self, method: str, path: str) -> None:
         routes = {
@@ -106,37 +123,73 @@ class Handler(BaseHTTPRequestHandler):
         app = self.app
         req = protocol.parse_completion(self._read_json(), chat, app.limits)
         adapter = app.registry.resolve(req.model)
-        prompt_ids = self._prompt_ids(req)
+        prompts = self._prompt_ids(req)
         sampling = SamplingConfig(req.max_tokens, req.temperature, req.top_p, seed=req.seed)
-        job = app.engine.submit(Job(prompt_ids, adapter, sampling, req.stop))
+        penalties = Penalties(req.presence_penalty, req.frequency_penalty, req.repetition_penalty)
+        jobs = [app.engine.submit(Job(ids, adapter, sampling, req.stop, penalties, req.logprobs, req.echo))
+                for ids in prompts]
         if req.stream:
-            self._stream(req, job, len(prompt_ids))
+            self._stream(req, jobs[0], len(prompts[0]))
             return
+        answers, generated = [], 0
         try:
-            text, last = job.result(timeout=app.request_timeout_s)
-        except queue.Empty:
-            job.cancelled.set()
-            raise _timeout() from None
-        self._raise_if_failed(last)
-        self._send_json(200, protocol.completion(req, text, last.finish_reason, len(prompt_ids), last.completion_tokens))
+            for i, (job, ids) in enumerate(zip(jobs, prompts)):
+                try:
+                    text, last = job.result(timeout=app.request_timeout_s)
+                except queue.Empty:
+                    raise _timeout() from None
+                self._raise_if_failed(last)
+                answers.append(self._answer(req, ids, text, last, i))
+                generated += last.completion_tokens
+        except APIError:
+            for job in jobs:
+                job.cancelled.set()
+            raise
+        self._send_json(200, protocol.completion(req, answers, sum(map(len, prompts)), generated))
 
-    def _prompt_ids(self, req: CompletionRequest) -> list[int]:
+    def _answer(self, req: CompletionRequest, prompt_ids: list[int], text: str, last, index: int) -> protocol.Answer:
+        """One choice: the text (after the prompt, with echo) and its logprobs in the endpoint's shape."""
         tok = self.app.tokenizer
-        text = tok.render_chat(req.messages, add_generation_prompt=True) if req.chat else req.prompt
-        ids = tok.encode(text)
-        if not ids:
-            raise APIError(400, "the prompt encodes to no tokens", "invalid_value")
-        if len(ids) > self.app.limits.max_prompt_tokens:
-            raise APIError(400, f"prompt has {len(ids)} tokens, over this server's limit of "
-                                f"{self.app.limits.max_prompt_tokens}", "context_length_exceeded")
-        return ids
+        source = req.prompts[index] if req.prompts else None
+        head = (source if isinstance(source, str) else tok.decode(prompt_ids, skip_special_tokens=False)) if req.echo else ""
+        if req.logprobs is None:
+            return protocol.Answer(head + text, last.finish_reason)
+
+        def piece(token: int) -> str:
+            return tok.decode([token], skip_special_tokens=False)
+
+        generated = _within(last.logprobs or [], text, piece)  # a stop string may end the text mid-way
+        if req.chat:
+            entries = [(piece(t), lp, [(piece(a), v) for a, v in top]) for t, lp, top in generated]
+            return protocol.Answer(text, last.finish_reason, protocol.chat_logprobs(entries))
+        scored = (last.prompt_logprobs or []) + generated
+        entries = [(piece(t), lp, None if lp is None else _by_text(top, piece)) for t, lp, top in scored]
+        return protocol.Answer(head + text, last.finish_reason, protocol.completion_logprobs(entries))
+
+    def _prompt_ids(self, req: CompletionRequest) -> list[list[int]]:
+        """Token ids of each prompt: the chat rendered through the template, texts encoded, ids as given."""
+        tok, limit = self.app.tokenizer, self.app.limits.max_prompt_tokens
+        vocab = self.app.engine.model.config.vocab_size
+        sources = [tok.render_chat(req.messages, add_generation_prompt=True)] if req.chat else list(req.prompts)
+        out = []
+        for source in sources:
+            ids = tok.encode(source) if isinstance(source, str) else list(source)
+            if not ids:
+                raise APIError(400, "the prompt encodes to no tokens", "invalid_value")
+            if max(ids) >= vocab:
+                raise APIError(400, f"token id {max(ids)} is out of the vocabulary (size {vocab})", "invalid_value")
+            if len(ids) > limit:
+                raise APIError(400, f"prompt has {len(ids)} tokens, over this server's limit of {limit}",
+                               "context_length_exceeded")
+            out.append(ids)
+        return out
 
     def _stream(self, req: CompletionRequest, job: Job, prompt_tokens: int) -> None:
         """Server-sent events: a chunk per text delta, a last chunk with finish_reason, then [DONE]."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
             if req.chat:
@@ -151,11 +204,14 @@ class Handler(BaseHTTPRequestHandler):
                 else:  # the headers are out: the error goes in the stream, as OpenAI does
                     self._write(protocol.sse(_stream_error(event.error).body()))
             self._write(protocol.sse("[DONE]"))
+            self._end_chunks()
         except queue.Empty:
             job.cancelled.set()
             self._write(protocol.sse(_timeout().body()))
+            self._end_chunks()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             job.cancelled.set()  # stop generating for a client that left
+            self.close_connection = True
 
     def _load_adapter(self) -> None:
         body = self._read_json()
@@ -183,26 +239,61 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise APIError(400, "bad Content-Length", "invalid_request") from None
         if n < 0 or n > self.app.limits.max_body_bytes:
-            self.close_connection = True  # the unread body must not be taken for a next request
             raise APIError(413, f"body of {n} bytes is over the limit of {self.app.limits.max_body_bytes}", "body_too_large")
-        return protocol.parse_json(self.rfile.read(n))
+        data = self.rfile.read(n)
+        self._body_read = True
+        return protocol.parse_json(data)
 
     @staticmethod
     def _raise_if_failed(last) -> None:
         if last.kind == "error":
             raise _stream_error(last.error)
 
+    def _unread_body(self) -> bool:
+        """True when the request sent a body this handler did not read (an error answered before it)."""
+        if self._body_read:
+            return False
+        return "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0").strip() not in ("", "0")
+
     def _send_json(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self._unread_body():  # its bytes would be read as the next request: close instead
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
     def _write(self, data: bytes) -> None:
-        self.wfile.write(data)
+        """One chunk of a chunked (streamed) answer."""
+        self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
+
+    def _end_chunks(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+def _by_text(top: list[tuple[int, float]], piece) -> dict[str, float]:
+    """Alternatives keyed by their text, as OpenAI's completions have them; two tokens that decode alike
+    share a key, which keeps the likelier one (`top` is sorted most likely first)."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(piece(token), logprob)
+    return out
+
+
+def _within(entries: list, text: str, piece) -> list:
+    """The leading entries whose token texts make up `text` (the last may run past it, cut by a stop string)."""
+    out, length = [], 0
+    for entry in entries:
+        if length >= len(text):
+            break
+        out.append(entry)
+        length += len(piece(entry[0]))
+    return out
 
 
 def _timeout() -> APIError:

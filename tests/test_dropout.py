@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora import LoRALinear, LoraConfig, inject_lora
+from lora import LoraConfig, LoRALinear, inject_lora
 from lora.dropout import LEVELS, keep_mask, keep_threshold
 
 CPU = torch.device("cpu")

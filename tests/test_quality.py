@@ -22,6 +22,9 @@ def test_recovered_is_the_share_of_full_fine_tunings_gain():
     # full made it worse: a share of a loss is no share (BLEU 27 -> 26 under full, 25 under a method is not "200%")
     assert recovered(27.0, 25.0, 26.0, True) is None and recovered(2.0, 2.5, 2.2, False) is None
     assert recovered(float("nan"), 1.0, 2.0, False) is None
+    # a gain within twice full's spread over seeds is noise: no share of it
+    assert recovered(26.3, 27.4, 26.6, True, noise=0.2) is None
+    assert recovered(26.3, 27.4, 26.6, True, noise=0.1) == pytest.approx(1.1 / 0.3)
 
 
 def test_mean_and_spread_over_seeds():

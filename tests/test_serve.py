@@ -214,7 +214,8 @@ def test_models_and_health(server, run_model):
     url, _ = server
     assert call(url + "/health") == (200, {"status": "ok"})
     status, out = call(url + "/v1/models")
-    assert status == 200 and [m["id"] for m in out["data"]] == [str(run_model), *ADAPTERS]
+    # the base is named by its directory's name, not the server's filesystem path (which is still accepted)
+    assert status == 200 and [m["id"] for m in out["data"]] == [run_model.name, *ADAPTERS]
 
 
 def _assert_error(status_body, status: int, code: str) -> None:
@@ -394,10 +395,203 @@ def test_content_parts_are_read_as_text_and_unsupported_fields_are_refused_by_na
     with pytest.raises(APIError, match="text only, got type 'image_url'") as err:
         parse_completion({"model": "m", "messages": [{"role": "user", "content": image}]}, True, limits)
     assert err.value.status == 400
-    off = {"logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0.0, "echo": False}
-    assert parse_completion({"model": "m", "prompt": "x", **off}, False, limits).prompt == "x"  # "off" is fine
-    for key, value in [("logprobs", True), ("logprobs", 3), ("top_logprobs", 2), ("presence_penalty", 0.5),
-                       ("frequency_penalty", -1.0), ("repetition_penalty", 1.2), ("echo", True)]:
+    off = {"logprobs": False, "top_logprobs": 0, "echo": False}
+    assert parse_completion({"model": "m", "prompt": "x", **off}, False, limits).prompts == ("x",)  # "off" is fine
+    for key, value in [("logit_bias", {"5": 1.0}), ("suffix", "end")]:
         with pytest.raises(APIError, match=f"{key}={value!r} is not supported") as err:
             parse_completion({"model": "m", "prompt": "x", key: value}, False, limits)
         assert err.value.status == 400 and err.value.code == "unsupported_parameter"
+
+
+def test_prompt_forms_and_logprob_fields_parse_as_the_openai_api_has_them():
+    from serve.protocol import parse_completion
+
+    limits = Limits()
+
+    def parse(chat=False, **body):
+        return parse_completion({"model": "m", **({} if chat else {"prompt": "x"}), **body}, chat, limits)
+
+    assert parse(prompt="ab").prompts == ("ab",)
+    assert parse(prompt=["ab", "cd"]).prompts == ("ab", "cd")
+    assert parse(prompt=[5, 6, 7]).prompts == ((5, 6, 7),)
+    assert parse(prompt=[[5, 6], [7]]).prompts == ((5, 6), (7,))
+    for bad in ([], [""], [[]], [1.5], [-1], [True], "", [["a"]]):
+        with pytest.raises(APIError, match="prompt must be"):
+            parse(prompt=bad)
+    assert parse(logprobs=3).logprobs == 3 and parse(logprobs=0).logprobs == 0 and parse(logprobs=False).logprobs is None
+    chat = {"chat": True, "messages": [{"role": "user", "content": "hi"}]}
+    assert parse(**chat, logprobs=True, top_logprobs=4).logprobs == 4 and parse(**chat, logprobs=True).logprobs == 0
+    assert parse(echo=True, max_tokens=0, logprobs=1).max_tokens == 0
+    for body, message in [({"logprobs": 21}, "at most 20"), ({"logprobs": True}, "must be an integer"),
+                          ({"top_logprobs": 2}, "chat parameter"), ({"max_tokens": 0}, "0 only with echo"),
+                          ({"echo": True, "stream": True}, "streamed request"), ({"prompt": ["a", "b"], "stream": True},
+                                                                                   "streamed request"),
+                          ({**chat, "top_logprobs": 2}, "needs logprobs: true"), ({**chat, "echo": True}, "echo must be")]:
+        with pytest.raises(APIError, match=message):
+            parse(**body)
+
+
+# --- HTTP/1.1, API keys, penalties ----------------------------------------------------------------------
+def test_one_connection_carries_many_requests_streams_included(server):
+    """Keep-alive: plain answers, a chunked stream and an error all on one socket, in turn; an error
+    answered before the body was read closes the connection (its bytes must not become a request)."""
+    import http.client
+
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    body = {"model": "red", "prompt": "the sun is", "max_tokens": 4, "temperature": 0}
+    sockets, answers = set(), []
+    for kind in ("plain", "stream", "plain", "error", "plain"):
+        payload = {**body, "stream": kind == "stream"} if kind != "error" else {**body, "model": "purple"}
+        conn.request("POST", "/v1/completions", json.dumps(payload), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        sockets.add(id(conn.sock))
+        data = resp.read()
+        assert resp.status == (404 if kind == "error" else 200) and resp.version == 11
+        if kind == "stream":
+            assert resp.headers["Transfer-Encoding"] == "chunked"
+            texts = [json.loads(b[6:])["choices"][0]["text"] for b in data.decode().split("\n\n")
+                     if b.startswith("data: {")]
+            answers.append("".join(texts))
+        elif kind == "plain":
+            answers.append(json.loads(data)["choices"][0]["text"])
+    assert len(sockets) == 1 and len(set(answers)) == 1  # one connection; streamed == plain
+    conn.request("GET", "/v1/nope", body=b"x" * 10)  # a body nobody reads
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 404 and resp.headers["Connection"] == "close"
+    conn.close()
+
+
+def test_api_key_is_required_on_every_endpoint_but_health(run_model):
+    app = build_app(ServeOptions(model=str(run_model), adapters={}, device="cpu", api_key="sekret"))
+    httpd = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    url = "http://%s:%d" % httpd.server_address[:2]
+
+    def get(path: str, key: str | None = None, body: dict | None = None):
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body else None, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        assert get("/health")[0] == 200
+        done = {"model": run_model.name, "prompt": "the sun", "max_tokens": 2, "temperature": 0}
+        for path, body in [("/v1/models", None), ("/v1/completions", done), ("/admin/adapters", {"name": "x", "path": "y"})]:
+            for key in (None, "wrong", "sekret "):
+                _assert_error(get(path, key, body), 401, "invalid_api_key")
+        assert get("/v1/models", "sekret")[0] == 200
+        assert get("/v1/completions", "sekret", done)[0] == 200
+        assert get("/admin/adapters", "sekret", {"name": "x", "path": "y"})[0] == 403  # past the key: admin is off
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        app.engine.stop()
+        thread.join(timeout=10)
+
+
+def _penalized_reference(run_model: Path, prompt: str, steps: int, presence=0.0, frequency=0.0, repetition=1.0):
+    """Greedy decoding written out: a full forward per step, the penalties' formulas applied by hand."""
+    tok = load_tokenizer(run_model)
+    model = load_adapted(str(run_model), None, "float32", "cpu").model.eval()
+    ids = tok.encode(prompt)
+    out: list[int] = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + out]))[0, -1].float()
+        for t in set(ids + out):
+            if repetition != 1:
+                logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+        for t in set(out):
+            logits[t] -= presence + frequency * out.count(t)
+        nxt = int(logits.argmax())
+        if nxt in tok.stop_ids:
+            break
+        out.append(nxt)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def test_penalties_change_greedy_output_as_their_formulas_say_and_zero_changes_nothing(server, run_model):
+    url, _ = server
+    prompt = "the sun the sun the"
+    base = {"model": run_model.name, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    plain = call(url + "/v1/completions", base)[1]["choices"][0]["text"]
+    zero = {"presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+    assert call(url + "/v1/completions", {**base, **zero})[1]["choices"][0]["text"] == plain
+    assert plain == _penalized_reference(run_model, prompt, 12)
+    outputs = {plain}
+    for name, value in [("presence", 1.5), ("frequency", 0.8), ("repetition", 1.8)]:
+        status, out = call(url + "/v1/completions", {**base, f"{name}_penalty": value})
+        assert status == 200
+        text = out["choices"][0]["text"]
+        assert text == _penalized_reference(run_model, prompt, 12, **{name: value}), name
+        outputs.add(text)
+    assert len(outputs) > 1  # the penalties did change something on this repetitive prompt
+    _assert_error(call(url + "/v1/completions", {**base, "presence_penalty": 3}), 400, "invalid_value")
+    _assert_error(call(url + "/v1/completions", {**base, "repetition_penalty": 0}), 400, "invalid_value")
+
+
+def test_logprobs_and_echo_equal_a_forward_pass_and_every_prompt_form_answers(server, run_model, adapter_root):
+    """What lm-evaluation-harness's local-completions backend asks: token-id prompts, echo, max_tokens 0 and
+    logprobs, for the base and an adapter; every logprob equals a plain forward's log-softmax (float32)."""
+    url, _ = server
+    tok = load_tokenizer(run_model)
+    comp = url + "/v1/completions"
+    texts = ["the sun is", "the red moon is the"]
+    ids = [tok.encode(t) for t in texts]
+    for model_name, adapter in [(run_model.name, None), ("green", adapter_root / "green")]:
+        model = load_adapted(str(run_model), adapter and str(adapter), "float32", "cpu").model.eval()
+
+        def logprobs_of(seq: list[int]) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.log_softmax(model(torch.tensor([seq]))[0].float(), -1)
+
+        # scoring: echo the prompt, generate nothing
+        status, out = call(comp, {"model": model_name, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1,
+                                  "temperature": 0})
+        assert status == 200 and [c["index"] for c in out["choices"]] == [0, 1]
+        for choice, seq in zip(out["choices"], ids):
+            lp = choice["logprobs"]
+            ref = logprobs_of(seq)
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            got = torch.tensor(lp["token_logprobs"][1:])
+            want = ref[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
+            assert torch.allclose(got, want, atol=1e-4), (got, want)
+            assert [len(t) for t in lp["top_logprobs"][1:]] == [1] * (len(seq) - 1)
+            best = [max(t.values()) for t in lp["top_logprobs"][1:]]
+            assert torch.allclose(torch.tensor(best), ref[:-1].max(-1).values, atol=1e-4)
+            assert choice["text"] == tok.decode(seq, skip_special_tokens=False) and choice["finish_reason"] == "length"
+            assert lp["text_offset"][0] == 0 and lp["tokens"] == [tok.decode([t], skip_special_tokens=False) for t in seq]
+        assert out["usage"]["prompt_tokens"] == sum(map(len, ids)) and out["usage"]["completion_tokens"] == 0
+
+        # generation: the generated tokens' logprobs, text prompts and id prompts alike
+        body = {"model": model_name, "max_tokens": 5, "temperature": 0, "logprobs": 3}
+        by_text = call(comp, {**body, "prompt": texts})[1]["choices"]
+        by_ids = call(comp, {**body, "prompt": ids})[1]["choices"]
+        assert [c["text"] for c in by_text] == [c["text"] for c in by_ids]
+        for choice, seq in zip(by_ids, ids):
+            lp = choice["logprobs"]
+            new = [t for t in generate(model, [seq], SamplingConfig(5, stop_ids=tuple(tok.stop_ids)))[0]
+                   if t not in tok.stop_ids]  # the tokens served, as generate() picks them
+            assert lp["tokens"] == [tok.decode([t], skip_special_tokens=False) for t in new]
+            ref = logprobs_of(seq + new)
+            want = ref[torch.arange(len(seq) - 1, len(seq) - 1 + len(new)), torch.tensor(new)]
+            assert torch.allclose(torch.tensor(lp["token_logprobs"]), want, atol=1e-4)
+            # (alternatives are keyed by text, as OpenAI's are: two tokens that decode alike share a key)
+            assert all(1 <= len(t) <= 3 for t in lp["top_logprobs"])
+            assert [max(t.values()) for t in lp["top_logprobs"]] == pytest.approx(lp["token_logprobs"])  # greedy
+
+    # chat: logprobs true with top_logprobs, in the chat shape
+    status, out = call(url + "/v1/chat/completions", {"model": "red", "messages": [{"role": "user", "content": "the sun"}],
+                                                      "max_tokens": 4, "temperature": 0, "logprobs": True,
+                                                      "top_logprobs": 2})
+    content = out["choices"][0]["logprobs"]["content"]
+    assert status == 200 and content and all(len(c["top_logprobs"]) == 2 and c["logprob"] <= 0 for c in content)
+    assert "".join(c["token"] for c in content).startswith(out["choices"][0]["message"]["content"][:1])
+    assert all(bytes(c["bytes"]).decode(errors="replace") == c["token"] for c in content)

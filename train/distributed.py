@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -83,14 +84,19 @@ def start(p: Parallel) -> torch.device:
     return device
 
 
-def stop(p: Parallel, finished: bool) -> None:
-    """Leave the process group. After a run that `finished` on every rank, first wait for all ranks:
-    gloo aborts the process (SIGABRT) when its group is destroyed while a peer still has work in flight
-    with it, and a rank that is done early would otherwise tear down while rank 0 still writes outputs."""
-    if p.enabled and dist.is_initialized():
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()
+def leave(p: Parallel, finished: bool, status: int) -> NoReturn:
+    """End this rank's process with `status`, everything it wrote flushed. After a run that `finished` on
+    every rank, first wait for all of them, so that none exits while rank 0 still gathers or writes.
+
+    The process ends with os._exit, without destroying the process group or running interpreter
+    teardown: on a loaded machine gloo's worker threads, torn down there while a peer is still
+    connected, now and then abort the process ("terminate called without an active exception",
+    SIGABRT) after all its work was done and written, and torchrun then reports the whole job failed."""
+    if finished and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def barrier(p: Parallel) -> None:

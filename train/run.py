@@ -261,16 +261,27 @@ def train(cfg: TrainConfig, samples: bool = True, parallel: Parallel = SINGLE, d
 
 
 def main(argv: list[str] | None = None, prepare: Callable[[TrainConfig, Parallel], None] | None = None) -> int:
-    """The command line; `prepare(cfg, parallel)` may fill in settings after parsing (python -m demo does)."""
-    parallel, finished = SINGLE, False
+    """The command line; `prepare(cfg, parallel)` may fill in settings after parsing (python -m demo does).
+    A rank of a torchrun job ends its process here (train.distributed.leave) instead of returning."""
+    outcome: dict = {"parallel": SINGLE, "finished": False}
+    status = _main(argv, prepare, outcome)
+    if outcome["parallel"].enabled:
+        dist.leave(outcome["parallel"], outcome["finished"], status)
+    return status
+
+
+def _main(argv: list[str] | None, prepare: Callable[[TrainConfig, Parallel], None] | None, outcome: dict) -> int:
+    """Parse, train, and map a failure to its exit status; `outcome` learns this process's place in the job
+    and whether the run finished (every rank stopped at the same point: done, or pre-empted)."""
+    parallel = SINGLE
     try:
         cfg = parse_args(argv)
-        parallel = dist.from_env(cfg.run.fsdp)
+        outcome["parallel"] = parallel = dist.from_env(cfg.run.fsdp)
         device = dist.start(parallel)
         if prepare is not None:
             prepare(cfg, parallel)
         train(cfg, parallel=parallel, device=device)
-        finished = True
+        outcome["finished"] = True
     except (ConfigError, DataError, CheckpointError, RunError, DivergedError, OSError) as err:
         status, message = exit_status(err, parallel.rank if parallel.enabled else None)
         if status is None:  # an OSError the user cannot fix from outside: a bug to see whole
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None, prepare: Callable[[TrainConfig, Parallel
             print(message, file=sys.stderr)
         return status
     except Preempted as stopped:
-        finished = True  # every rank stops at the same step boundary
+        outcome["finished"] = True  # every rank stops at the same step boundary
         if parallel.is_main:
             print(str(stopped), file=sys.stderr)
         return stopped.status
@@ -287,8 +298,6 @@ def main(argv: list[str] | None = None, prepare: Callable[[TrainConfig, Parallel
         if parallel.is_main:
             print("interrupted: resume with --resume", file=sys.stderr)
         return 130
-    finally:
-        dist.stop(parallel, finished)
     return 0
 
 
