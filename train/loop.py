@@ -153,7 +153,7 @@ def train_step(
     are global, so every rank takes the same decision.
     """
     loss, tokens = accumulate_gradients(model, micro_batches, device, autocast_dtype, parallel, forward)
-    real = sum(int(mb["attention_mask"].sum()) for mb in micro_batches if PLACEHOLDER not in mb)
+    real = sum(real_tokens(mb) for mb in micro_batches if PLACEHOLDER not in mb)
     input_tokens = int(all_reduce_sum(parallel, [real], device)[0])
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     clip = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
@@ -164,6 +164,12 @@ def train_step(
     scheduler.step()  # the schedule follows the step count, skipped or not, so a resume lands on it exactly
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=skipped, input_tokens=input_tokens)
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (not padding) tokens of a batch: its attention mask's ones, or every token when it has none."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 @torch.no_grad()
