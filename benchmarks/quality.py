@@ -53,7 +53,7 @@ from train.data import build_examples
 from train.errors import ConfigError
 from train.evaluate import classification_metrics, generation_metrics
 from train.loader import eval_batches
-from train.loop import evaluate_loss
+from train.loop import evaluate_loss, pick_device_and_dtype
 from train.methods import METHODS
 from train.metrics import perplexity
 from train.records import parse_record
@@ -156,7 +156,7 @@ def train_one(argv: list[str]) -> int:
 # --- scoring on the test split ------------------------------------------------------------------------------
 def score(model, tokenizer, task: Task, seq_len: int, device: torch.device) -> dict[str, float]:
     """Test loss, perplexity and the task's metrics of `model` (bf16 autocast where the hardware has it)."""
-    amp = torch.bfloat16 if device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    amp = pick_device_and_dtype("auto", device)[1]  # what train.run trains under
     records = [parse_record(r, "test", i + 1) for i, r in enumerate(task.test)]
     examples, _ = build_examples(records, tokenizer, seq_len, "test")
     model.eval()

@@ -23,6 +23,14 @@ class SamplingConfig:
     seed: int | None = None  # seeds the sampler's own generator, for repeatable samples
 
 
+def cache_dtype(model: Decoder, device: torch.device) -> torch.dtype:
+    """The dtype keys and values come out in, so a KV cache should hold: autocast's where it is on for
+    `device`, else the model's embedding dtype."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.embedding_dtype
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (input_ids [B,T], attention_mask [B,T]) padded on the left."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -74,11 +82,8 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     cache = None
     if use_cache:
-        dtype = model.embedding_dtype
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
         capacity = model.num_virtual_tokens + ids.shape[1] + cfg.max_new_tokens
-        cache = KVCache.empty(model.config, B, capacity, dtype, device)
+        cache = KVCache.empty(model.config, B, capacity, cache_dtype(model, device), device)
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_ids = ids

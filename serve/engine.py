@@ -24,7 +24,7 @@ import torch
 
 from lora.inject import per_row_adapters
 from models.decoder import KVCache
-from models.generate import SamplingConfig, left_pad, sample_next
+from models.generate import SamplingConfig, cache_dtype, left_pad, sample_next
 from serve.penalties import Penalties, penalize
 from serve.stops import TextStream
 
@@ -263,7 +263,8 @@ class Engine:
         steps = max(j.sampling.max_new_tokens for j in jobs)
         virtual = self.virtual_tokens(jobs[0].adapter)  # _groups never mixes these with other rows
         slots = virtual.num_virtual_tokens if virtual is not None else 0
-        cache = KVCache.empty(self.model.config, len(jobs), slots + ids.shape[1] + steps, self._cache_dtype(), self.device)
+        cache = KVCache.empty(self.model.config, len(jobs), slots + ids.shape[1] + steps,
+                              cache_dtype(self.model, self.device), self.device)
         self._count(jobs)
         step_ids = ids
         lora_names = [None if virtual is not None else j.adapter for j in jobs]
@@ -303,12 +304,6 @@ class Engine:
         s.requests += len(jobs)
         s.max_rows = max(s.max_rows, len(jobs))
         s.max_adapters = max(s.max_adapters, len({j.adapter for j in jobs}))
-
-    def _cache_dtype(self) -> torch.dtype:
-        dtype = self.model.embedding_dtype
-        if torch.is_autocast_enabled(self.device.type):
-            dtype = torch.get_autocast_dtype(self.device.type)
-        return dtype
 
     @staticmethod
     def _echo(out: torch.Tensor, rows: list[_Row]) -> None:

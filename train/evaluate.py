@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.decoder import KVCache
-from models.generate import SamplingConfig, generate
+from models.generate import SamplingConfig, cache_dtype, generate
 from train.data import Datasets, Record, generation_prompt
 from train.distributed import Parallel, all_gather
 from train.loader import rank_share
@@ -75,8 +75,7 @@ def label_log_likelihoods(
     """
     n, P, L = len(labels), len(prompt), max(len(lab) for lab in labels)
     with autocast_context(device, autocast_dtype):
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.embedding_dtype
-        cache = KVCache.empty(model.config, 1, model.num_virtual_tokens + P + L, dtype, device)
+        cache = KVCache.empty(model.config, 1, model.num_virtual_tokens + P + L, cache_dtype(model, device), device)
         ids = torch.tensor([prompt], device=device)
         first = torch.log_softmax(model(ids, attention_mask=torch.ones_like(ids), cache=cache)[0, -1].float(), -1)
         scores = [float(first[lab[0]]) for lab in labels]

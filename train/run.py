@@ -263,25 +263,33 @@ def train(cfg: TrainConfig, samples: bool = True, parallel: Parallel = SINGLE, d
 def main(argv: list[str] | None = None, prepare: Callable[[TrainConfig, Parallel], None] | None = None) -> int:
     """The command line; `prepare(cfg, parallel)` may fill in settings after parsing (python -m demo does).
     A rank of a torchrun job ends its process here (train.distributed.leave) instead of returning."""
-    outcome: dict = {"parallel": SINGLE, "finished": False}
+    outcome = Outcome()
     status = _main(argv, prepare, outcome)
-    if outcome["parallel"].enabled:
-        dist.leave(outcome["parallel"], outcome["finished"], status)
+    if outcome.parallel.enabled:
+        dist.leave(outcome.parallel, outcome.finished, status)
     return status
 
 
-def _main(argv: list[str] | None, prepare: Callable[[TrainConfig, Parallel], None] | None, outcome: dict) -> int:
-    """Parse, train, and map a failure to its exit status; `outcome` learns this process's place in the job
-    and whether the run finished (every rank stopped at the same point: done, or pre-empted)."""
+@dataclass
+class Outcome:
+    """What `main` needs to know after `_main`: this process's place in the job, and whether the run
+    finished (every rank stopped at the same point: done, or pre-empted)."""
+
+    parallel: Parallel = SINGLE
+    finished: bool = False
+
+
+def _main(argv: list[str] | None, prepare: Callable[[TrainConfig, Parallel], None] | None, outcome: Outcome) -> int:
+    """Parse, train, and map a failure to its exit status, filling in `outcome` on the way."""
     parallel = SINGLE
     try:
         cfg = parse_args(argv)
-        outcome["parallel"] = parallel = dist.from_env(cfg.run.fsdp)
+        outcome.parallel = parallel = dist.from_env(cfg.run.fsdp)
         device = dist.start(parallel)
         if prepare is not None:
             prepare(cfg, parallel)
         train(cfg, parallel=parallel, device=device)
-        outcome["finished"] = True
+        outcome.finished = True
     except (ConfigError, DataError, CheckpointError, RunError, DivergedError, OSError) as err:
         status, message = exit_status(err, parallel.rank if parallel.enabled else None)
         if status is None:  # an OSError the user cannot fix from outside: a bug to see whole
@@ -290,7 +298,7 @@ def _main(argv: list[str] | None, prepare: Callable[[TrainConfig, Parallel], Non
             print(message, file=sys.stderr)
         return status
     except Preempted as stopped:
-        outcome["finished"] = True  # every rank stops at the same step boundary
+        outcome.finished = True  # every rank stops at the same step boundary
         if parallel.is_main:
             print(str(stopped), file=sys.stderr)
         return stopped.status
