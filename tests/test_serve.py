@@ -243,16 +243,16 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_answering(server):
     _assert_error(call(comp, method="GET"), 405, "method_not_allowed")
 
     # An exception inside the engine fails that request only (500), and the engine goes on.
-    real = app.engine._generate
+    real = app.engine._prefill
 
-    def broken(jobs):
+    def broken(key, jobs):
         raise RuntimeError("boom")
 
-    app.engine._generate = broken
+    app.engine._prefill = broken
     try:
         _assert_error(call(comp, ok), 500, "internal_error")
     finally:
-        app.engine._generate = real
+        app.engine._prefill = real
     assert call(url + "/health")[0] == 200
     status, out = call(comp, ok)
     assert status == 200 and out["choices"][0]["text"] is not None
