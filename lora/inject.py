@@ -209,17 +209,19 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def per_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
+def per_row_adapters(model: nn.Module, names: list[str | None], layers: list[LoRALinear] | None = None) -> Iterator[nn.Module]:
     """Within the block, batch row i runs through adapter names[i] (None: the base alone).
 
-    For serving several adapters in one batch; the row grouping is computed once here, not per layer
-    and step. The active adapter is ignored inside the block and in force again after it.
+    For serving several adapters in one batch; the row grouping is computed once here, not per layer.
+    The active adapter is ignored inside the block and in force again after it. `layers`: the model's
+    LoRA layers when the caller keeps them (walking every module costs more than a small decode step).
     """
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(names):
         if name is not None:
             groups.setdefault(name, []).append(row)
-    layers = [layer for _, layer in lora_layers(model)]
+    if layers is None:
+        layers = [layer for _, layer in lora_layers(model)]
     device = next(model.parameters()).device
     tensors = {n: torch.tensor(rows, dtype=torch.long, device=device) for n, rows in groups.items()}
     try:

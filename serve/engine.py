@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lora.inject import per_row_adapters
+from lora.inject import lora_layers, per_row_adapters
 from models.decoder import KVCache
 from models.generate import SamplingConfig, cache_dtype, left_pad, sample_next
 from serve.penalties import Penalties, penalize
@@ -185,6 +185,7 @@ class StepLock:
         self._lock = threading.Lock()
         self._count = threading.Lock()
         self._waiting = 0
+        self.holds = 0  # times taken: a jump between two of the scheduler's steps means someone else held it
 
     def __enter__(self) -> StepLock:
         with self._count:
@@ -192,6 +193,7 @@ class StepLock:
         self._lock.acquire()
         with self._count:
             self._waiting -= 1
+        self.holds += 1
         return self
 
     def __exit__(self, *exc) -> None:
@@ -229,6 +231,8 @@ class Engine:
         self._draining = threading.Event()
         self._thread: threading.Thread | None = None
         self.device = next(model.parameters()).device
+        self._lora_layers: list | None = None  # the model's LoRA layers, found again after adapter changes
+        self._holds = -1  # lock.holds after the scheduler's last step
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -279,6 +283,9 @@ class Engine:
         while not self._stop.is_set():
             jobs = self._take()
             with self.lock:
+                if self.lock.holds != self._holds + 1:  # adapters may have changed in between
+                    self._lora_layers = [layer for _, layer in lora_layers(self.model)]
+                self._holds = self.lock.holds
                 self._drop_orphans()
                 for key, group in self._groups(jobs).items():
                     self._safely(self._prefill, key, group)
@@ -420,7 +427,7 @@ class Engine:
     def _forward(self, lane: _Lane, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """logits [B, T, V] of `ids` [B, T] for `rows`, each through its own adapter."""
         names = [None if lane.virtual is not None else row.job.adapter for row in rows]
-        with per_row_adapters(self.model, names), self._virtual_attached(lane.virtual):
+        with per_row_adapters(self.model, names, self._lora_layers), self._virtual_attached(lane.virtual):
             out = self.model(ids, attention_mask=mask, cache=cache)
         s = self.stats
         s.forwards += 1

@@ -95,13 +95,15 @@ def test_a_short_request_finishes_while_a_long_one_decodes_only_with_continuous_
     app = engine_app(run_model, {"lora": adapters["lora"]}, max_batch=4, continuous=continuous)
     try:
         long = app.engine.submit(Job(tok.encode("the sun is"), "lora", SamplingConfig(LONG)))
-        wait_for_text(long, 1)
+        head = wait_for_text(long, 1)
         short = app.engine.submit(Job(tok.encode("the tree is the"), None, SamplingConfig(2)))
         short_text, short_last = short.result(timeout=120)
         long_events = list(long.stream(timeout=120))
         assert short_last.kind == "done" and long_events[-1].kind == "done"
         assert long_events[-1].completion_tokens == LONG  # the long one ran to its limit
         assert short_text == reference(run_model, None, "the tree is the", 2)
+        long_text = "".join(e.text for e in head + long_events)
+        assert long_text == reference(run_model, adapters["lora"], "the sun is", LONG)
         # Continuous: the long request was still decoding when the short one was done (most of its text
         # came after); static: the short one waited for the whole long batch to end.
         texts = [e for e in long_events if e.kind == "text"]
