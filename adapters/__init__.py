@@ -3,6 +3,19 @@
     from adapters import attach, load_adapted
     adapted = load_adapted("Qwen/Qwen2.5-0.5B", "runs/qlora/adapter")
 """
-from adapters.load import Adapted, Adapter, adapter_dir, adapter_kind, attach, load_adapted, trained_base
+from adapters.load import (
+                           Adapted,
+                           Adapter,
+                           Prepared,
+                           adapter_dir,
+                           adapter_kind,
+                           attach,
+                           describe,
+                           install,
+                           load_adapted,
+                           prepare,
+                           trained_base,
+)
 
-__all__ = ["Adapted", "Adapter", "adapter_dir", "adapter_kind", "attach", "load_adapted", "trained_base"]
+__all__ = ["Adapted", "Adapter", "Prepared", "adapter_dir", "adapter_kind", "attach", "describe", "install", "load_adapted",
+           "prepare", "trained_base"]

@@ -8,7 +8,14 @@
 
 Merging to a plain checkpoint: `python -m lora.merge --base MODEL --adapter DIR --output DIR`.
 """
-from lora.adapter_io import base_format, load_adapter, read_adapter_config, save_adapter
+from lora.adapter_io import (
+    base_format,
+    install_adapter,
+    load_adapter,
+    read_adapter_config,
+    read_adapter_tensors,
+    save_adapter,
+)
 from lora.inject import (
     LoraConfig,
     adapter_parameters,
@@ -39,6 +46,7 @@ __all__ = [
     "disable_adapters",
     "find_targets",
     "inject_lora",
+    "install_adapter",
     "load_adapter",
     "lora_layers",
     "lora_state_dict",
@@ -46,6 +54,7 @@ __all__ = [
     "merge_lora",
     "per_row_adapters",
     "read_adapter_config",
+    "read_adapter_tensors",
     "save_adapter",
     "set_active_adapter",
     "trainable_report",

@@ -181,51 +181,65 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name:
     if not adapter_dir.is_dir():
         raise CheckpointError(f"{adapter_dir}: no such adapter directory")
     config = read_adapter_config(adapter_dir, adapter_name)
-    tensors_path = adapter_dir / WEIGHTS_NAME
-    if not tensors_path.is_file():
-        pickled = [p.name for p in adapter_dir.glob("adapter_model.bin")]
-        hint = f" (found {pickled[0]}: pickle files are never loaded; re-save with safetensors)" if pickled else ""
-        raise CheckpointError(f"{tensors_path}: missing{hint}")
-    existing = {n for _, layer in lora_layers(model) for n in layer.adapter_names}
-    if adapter_name in existing:
-        raise ValueError(f"model already has an adapter named {adapter_name!r}: load under another adapter_name")
-    previous = {layer.active_adapter for _, layer in lora_layers(model)} - {None}
-    try:
-        inject_lora(model, config)
-    except ValueError as err:
-        raise CheckpointError(f"{adapter_dir / CONFIG_NAME}: {err}") from None
-    try:
-        _load_tensors(model, tensors_path, adapter_name)
-    except BaseException:
-        delete_adapter(model, adapter_name)
-        if len(previous) == 1:
-            set_active_adapter(model, previous.pop())
-        raise
+    device = next(model.parameters()).device
+    install_adapter(model, config, read_adapter_tensors(adapter_dir, device), adapter_dir)
     return config
 
 
-def _load_tensors(model: nn.Module, path: Path, adapter_name: str) -> None:
-    params = adapter_parameters(model, adapter_name)
+def read_adapter_tensors(adapter_dir: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors as `adapter_parameters` keys -> tensors on `device`, the model untouched
+    (a server reads an adapter this way while its model keeps running). CheckpointError naming the file."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = [p.name for p in path.parent.glob("adapter_model.bin")]
+        hint = f" (found {pickled[0]}: pickle files are never loaded; re-save with safetensors)" if pickled else ""
+        raise CheckpointError(f"{path}: missing{hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
-            file_keys = {_model_key(path, k): k for k in names}
-            missing = [k for k in params if k not in file_keys]
-            unexpected = [file_keys[k] for k in file_keys if k not in params]
-            if missing:
-                raise CheckpointError(f"{path}: missing tensor {PEFT_PREFIX + missing[0]!r}" + _more(missing))
-            if unexpected:
-                raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r}" + _more(unexpected) + " (adapter does not fit this model)")
-            with torch.no_grad():
-                for key, p in params.items():
-                    value = f.get_tensor(file_keys[key])
-                    if tuple(value.shape) != tuple(p.shape):
-                        raise CheckpointError(f"{path}: tensor {file_keys[key]!r} has shape {list(value.shape)}, the model needs {list(p.shape)}")
-                    p.copy_(value.to(p.dtype))
+            return {_model_key(path, k): f.get_tensor(k).to(device) for k in f.keys()}
     except CheckpointError:
         raise
     except Exception as err:  # safetensors' own parse errors: truncated or corrupt file
         raise CheckpointError(f"{path}: not a valid safetensors file ({type(err).__name__}: {err})") from None
+
+
+def install_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                    adapter_dir: str | os.PathLike) -> None:
+    """Inject `config.adapter_name` into `model`, fill it from `tensors` (read_adapter_tensors) and make it
+    the active adapter. Every tensor is checked (missing, unexpected, shape: CheckpointError naming the
+    file in `adapter_dir`); on any error the model is left as it was."""
+    name, path = config.adapter_name, Path(adapter_dir) / WEIGHTS_NAME
+    if any(name in layer.adapter_names for _, layer in lora_layers(model)):
+        raise ValueError(f"model already has an adapter named {name!r}: load under another adapter_name")
+    previous = {layer.active_adapter for _, layer in lora_layers(model)} - {None}
+    try:
+        inject_lora(model, config)
+    except ValueError as err:
+        raise CheckpointError(f"{Path(adapter_dir) / CONFIG_NAME}: {err}") from None
+    try:
+        _copy_tensors(adapter_parameters(model, name), tensors, path)
+    except BaseException:
+        delete_adapter(model, name)
+        if len(previous) == 1:
+            set_active_adapter(model, previous.pop())
+        raise
+
+
+def _copy_tensors(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    missing = [k for k in params if k not in tensors]
+    unexpected = [k for k in tensors if k not in params]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {PEFT_PREFIX + missing[0]!r}" + _more(missing))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor {PEFT_PREFIX + unexpected[0]!r}" + _more(unexpected)
+                              + " (adapter does not fit this model)")
+    with torch.no_grad():
+        for key, p in params.items():
+            value = tensors[key]
+            if tuple(value.shape) != tuple(p.shape):
+                raise CheckpointError(f"{path}: tensor {PEFT_PREFIX + key!r} has shape {list(value.shape)}, "
+                                      f"the model needs {list(p.shape)}")
+            p.copy_(value.to(p.dtype))
 
 
 def _model_key(path: Path, file_key: str) -> str:

@@ -204,9 +204,9 @@ def parse_completion(body: dict[str, Any], chat: bool, limits: Limits) -> Comple
         raise APIError(400, "stream must be a boolean and stream_options an object", "invalid_value")
     prompts = () if chat else _prompts(body)
     logprobs = _logprobs(body, chat)
-    if stream and (len(prompts) > 1 or logprobs is not None or echo):
-        raise APIError(400, "a streamed request takes one prompt, without logprobs or echo (ask without "
-                            "stream for those)", "unsupported_parameter")
+    if stream and (len(prompts) > 1 or echo):
+        raise APIError(400, "a streamed request takes one prompt, without echo (ask without stream for those)",
+                       "unsupported_parameter")
     return CompletionRequest(
         model=model,
         chat=chat,
@@ -242,7 +242,8 @@ def _choice(req: CompletionRequest, text: str | None, finish: str | None, stream
     if not stream:
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish}
-    return {"index": index, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
+    delta = {"index": index, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
+    return {**delta, "logprobs": logprobs} if logprobs is not None else delta
 
 
 def _envelope(req: CompletionRequest, stream: bool) -> dict[str, Any]:
@@ -284,8 +285,10 @@ def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> 
     return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in top]} for t, lp, top in entries]}
 
 
-def chunk(req: CompletionRequest, text: str | None, finish: str | None = None) -> dict[str, Any]:
-    return {**_envelope(req, True), "choices": [_choice(req, text, finish, True)]}
+def chunk(req: CompletionRequest, text: str | None, finish: str | None = None,
+          logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streamed chunk; `logprobs` (the endpoint's shape) covers the tokens of this chunk's text."""
+    return {**_envelope(req, True), "choices": [_choice(req, text, finish, True, logprobs=logprobs)]}
 
 
 def first_chat_chunk(req: CompletionRequest) -> dict[str, Any]:

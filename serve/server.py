@@ -11,8 +11,9 @@ import hmac
 import json
 import logging
 import queue
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -20,6 +21,7 @@ from models.generate import SamplingConfig
 from serve import protocol
 from serve.adapters import AdapterRegistry
 from serve.engine import Engine, Job
+from serve.metrics import Metrics, TimedEvents
 from serve.penalties import Penalties
 from serve.protocol import APIError, CompletionRequest, Limits
 
@@ -37,6 +39,22 @@ class App:
     limits: Limits
     request_timeout_s: float = 600.0  # a handler never waits forever on a wedged engine
     api_key: str | None = None  # when set, every endpoint but /health wants "Authorization: Bearer <key>"
+    metrics: Metrics = field(default_factory=Metrics)
+    in_flight: int = field(default=0, init=False)  # requests being handled now (a shutdown waits for their answers)
+    _in_flight_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        engine, reg, m = self.engine, self.registry, self.metrics
+        m.gauges["queue_length"] = ("Requests waiting to be admitted into the running batch.", lambda: engine.queue_length)
+        m.gauges["running_requests"] = ("Requests decoding in the running batch now.", lambda: engine.running_rows)
+        m.gauges["adapters_loaded"] = ("Adapters held in memory.", lambda: len(reg.names))
+        m.counters["adapter_loads_total"] = ("Adapters loaded on demand.", lambda: reg.loads)
+        m.counters["adapter_evictions_total"] = ("On-demand adapters evicted to make room (least recently used).",
+                                                 lambda: reg.evictions)
+
+    def handling(self, delta: int) -> None:
+        with self._in_flight_lock:
+            self.in_flight += delta
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -57,6 +75,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Counted before the answer goes out, so a client that has its answer finds it counted.
+        self.app.metrics.request(getattr(self, "_endpoint", "other"), code)
+        super().send_response(code, message)
+
     def log_message(self, fmt: str, *args) -> None:  # requests go to logging, not stderr
         log.debug("%s " + fmt, self.address_string(), *args)
 
@@ -65,6 +88,8 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         self._body_read = False
+        self._endpoint = _endpoint(path)  # the label of /metrics' requests counter
+        self.app.handling(+1)
         try:
             self._authorize(path)
             self._route(method, path)
@@ -75,6 +100,8 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as err:
             log.exception("%s %s failed", method, path)
             self._send_json(500, APIError(500, f"internal error: {type(err).__name__}", "internal_error", "server_error").body())
+        finally:
+            self.app.handling(-1)
 
     def _authorize(self, path: str) -> None:
         """401 unless the request carries the server's API key (health checks need none: load balancers
@@ -91,6 +118,7 @@ class Handler(BaseHTTPRequestHandler):
         routes = {
             ("GET", "/health"): self._health,
             ("GET", "/v1/models"): self._models,
+            ("GET", "/metrics"): self._metrics,
             ("POST", "/v1/completions"): lambda: self._complete(chat=False),
             ("POST", "/v1/chat/completions"): lambda: self._complete(chat=True),
             ("POST", ADMIN): self._load_adapter,
@@ -110,6 +138,14 @@ class Handler(BaseHTTPRequestHandler):
         ok = self.app.engine.alive
         self._send_json(200 if ok else 503, {"status": "ok" if ok else "engine stopped"})
 
+    def _metrics(self) -> None:
+        data = self.app.metrics.render().encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def _models(self) -> None:
         reg = self.app.registry
         created = int(time.time())
@@ -122,12 +158,26 @@ class Handler(BaseHTTPRequestHandler):
     def _complete(self, chat: bool) -> None:
         app = self.app
         req = protocol.parse_completion(self._read_json(), chat, app.limits)
-        adapter = app.registry.resolve(req.model)
         prompts = self._prompt_ids(req)
+        adapter = app.registry.acquire(req.model)  # pinned (never evicted) until this request is over
+        try:
+            self._run(req, prompts, adapter)
+        finally:
+            app.registry.release(adapter)
+
+    def _run(self, req: CompletionRequest, prompts: list[list[int]], adapter: str | None) -> None:
+        app = self.app
         sampling = SamplingConfig(req.max_tokens, req.temperature, req.top_p, seed=req.seed)
         penalties = Penalties(req.presence_penalty, req.frequency_penalty, req.repetition_penalty)
-        jobs = [app.engine.submit(Job(ids, adapter, sampling, req.stop, penalties, req.logprobs, req.echo))
+        jobs = [Job(ids, adapter, sampling, req.stop, penalties, req.logprobs, req.echo, events=TimedEvents())
                 for ids in prompts]
+        try:
+            for job in jobs:
+                app.engine.submit(job)
+        except RuntimeError as err:  # draining for shutdown: admits nothing new
+            for job in jobs:
+                job.cancelled.set()
+            raise APIError(503, f"{err}: retry on another server", "server_shutting_down", "server_error") from None
         if req.stream:
             self._stream(req, jobs[0], len(prompts[0]))
             return
@@ -141,30 +191,30 @@ class Handler(BaseHTTPRequestHandler):
                 self._raise_if_failed(last)
                 answers.append(self._answer(req, ids, text, last, i))
                 generated += last.completion_tokens
+                app.metrics.latency(job.events, last.completion_tokens)
         except APIError:
             for job in jobs:
                 job.cancelled.set()
             raise
+        app.metrics.tokens(sum(map(len, prompts)), generated)
         self._send_json(200, protocol.completion(req, answers, sum(map(len, prompts)), generated))
 
     def _answer(self, req: CompletionRequest, prompt_ids: list[int], text: str, last, index: int) -> protocol.Answer:
         """One choice: the text (after the prompt, with echo) and its logprobs in the endpoint's shape."""
-        tok = self.app.tokenizer
+        tok, piece = self.app.tokenizer, self._piece
         source = req.prompts[index] if req.prompts else None
         head = (source if isinstance(source, str) else tok.decode(prompt_ids, skip_special_tokens=False)) if req.echo else ""
         if req.logprobs is None:
             return protocol.Answer(head + text, last.finish_reason)
-
-        def piece(token: int) -> str:
-            return tok.decode([token], skip_special_tokens=False)
-
-        generated = _within(last.logprobs or [], text, piece)  # a stop string may end the text mid-way
+        generated = _within(last.logprobs or [], len(text), piece)  # a stop string may end the text mid-way
         if req.chat:
-            entries = [(piece(t), lp, [(piece(a), v) for a, v in top]) for t, lp, top in generated]
-            return protocol.Answer(text, last.finish_reason, protocol.chat_logprobs(entries))
+            return protocol.Answer(text, last.finish_reason, protocol.chat_logprobs(_chat_entries(generated, piece)))
         scored = (last.prompt_logprobs or []) + generated
-        entries = [(piece(t), lp, None if lp is None else _by_text(top, piece)) for t, lp, top in scored]
-        return protocol.Answer(head + text, last.finish_reason, protocol.completion_logprobs(entries))
+        return protocol.Answer(head + text, last.finish_reason,
+                               protocol.completion_logprobs(_completion_entries(scored, piece)))
+
+    def _piece(self, token: int) -> str:
+        return self.app.tokenizer.decode([token], skip_special_tokens=False)
 
     def _prompt_ids(self, req: CompletionRequest) -> list[list[int]]:
         """Token ids of each prompt: the chat rendered through the template, texts encoded, ids as given."""
@@ -191,16 +241,20 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        logprobs = _StreamedLogprobs(req, self._piece) if req.logprobs is not None else None
         try:
             if req.chat:
                 self._write(protocol.sse(protocol.first_chat_chunk(req)))
             for event in job.stream(timeout=self.app.request_timeout_s):
                 if event.kind == "text":
-                    self._write(protocol.sse(protocol.chunk(req, event.text)))
+                    lp = logprobs.take(event) if logprobs is not None else None
+                    self._write(protocol.sse(protocol.chunk(req, event.text, logprobs=lp)))
                 elif event.kind == "done":
                     self._write(protocol.sse(protocol.chunk(req, None if req.chat else "", event.finish_reason)))
                     if req.include_usage:
                         self._write(protocol.sse(protocol.usage_chunk(req, prompt_tokens, event.completion_tokens)))
+                    self.app.metrics.tokens(prompt_tokens, event.completion_tokens)
+                    self.app.metrics.latency(job.events, event.completion_tokens)
                 else:  # the headers are out: the error goes in the stream, as OpenAI does
                     self._write(protocol.sse(_stream_error(event.error).body()))
             self._write(protocol.sse("[DONE]"))
@@ -276,6 +330,46 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+class _StreamedLogprobs:
+    """The logprobs of a streamed answer, chunk by chunk: each text event carries the entries of the tokens
+    fed since the one before (more than its text when text was held back for a stop string); a chunk gets
+    those whose token texts fall within the text sent so far, so the chunks together hold what the
+    non-streamed answer holds (`_within` of the whole text)."""
+
+    def __init__(self, req: CompletionRequest, piece) -> None:
+        self.req, self.piece = req, piece
+        self.pending: list = []  # entries carried by events but not sent yet
+        self.sent_chars = 0  # characters of the sent entries' token texts
+        self.text_chars = 0  # characters of the text sent so far
+
+    def take(self, event) -> dict | None:
+        self.pending += event.logprobs or []
+        self.text_chars += len(event.text)
+        fresh = _within(self.pending, self.text_chars - self.sent_chars, self.piece)
+        del self.pending[: len(fresh)]
+        offset = self.sent_chars
+        self.sent_chars += sum(len(self.piece(t)) for t, _, _ in fresh)
+        if self.req.chat:
+            return protocol.chat_logprobs(_chat_entries(fresh, self.piece))
+        return protocol.completion_logprobs(_completion_entries(fresh, self.piece), offset)
+
+
+def _chat_entries(entries: list, piece) -> list:
+    return [(piece(t), lp, [(piece(a), v) for a, v in top]) for t, lp, top in entries]
+
+
+def _completion_entries(entries: list, piece) -> list:
+    return [(piece(t), lp, None if lp is None else _by_text(top, piece)) for t, lp, top in entries]
+
+
+def _endpoint(path: str) -> str:
+    """The endpoint label of /metrics: a known route's path, never a client's arbitrary one."""
+    if path.startswith(ADMIN + "/"):
+        return ADMIN
+    known = {"/health", "/v1/models", "/metrics", "/v1/completions", "/v1/chat/completions", ADMIN}
+    return path if path in known else "other"
+
+
 def _by_text(top: list[tuple[int, float]], piece) -> dict[str, float]:
     """Alternatives keyed by their text, as OpenAI's completions have them; two tokens that decode alike
     share a key, which keeps the likelier one (`top` is sorted most likely first)."""
@@ -285,11 +379,12 @@ def _by_text(top: list[tuple[int, float]], piece) -> dict[str, float]:
     return out
 
 
-def _within(entries: list, text: str, piece) -> list:
-    """The leading entries whose token texts make up `text` (the last may run past it, cut by a stop string)."""
+def _within(entries: list, chars: int, piece) -> list:
+    """The leading entries whose token texts make up a text of `chars` characters (the last may run past
+    it, cut by a stop string)."""
     out, length = [], 0
     for entry in entries:
-        if length >= len(text):
+        if length >= chars:
             break
         out.append(entry)
         length += len(piece(entry[0]))
@@ -303,6 +398,9 @@ def _timeout() -> APIError:
 def _stream_error(err: BaseException | None) -> APIError:
     if isinstance(err, KeyError):  # the adapter was unloaded while the request waited
         return APIError(404, str(err), "model_not_found")
+    if isinstance(err, RuntimeError) and "shutting down" in str(err):  # cut by a drain's bound (engine.drain)
+        return APIError(503, "the server is shutting down: the request was cut before it finished",
+                        "server_shutting_down", "server_error")
     return APIError(500, f"generation failed: {type(err).__name__}: {err}", "internal_error", "server_error")
 
 
