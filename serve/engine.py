@@ -57,7 +57,7 @@ class Event:
     completion_tokens: int = 0
     error: BaseException | None = None
     # on "done" when the job asked for logprobs: (token id, logprob, top alternatives) per generated token
-    # (the stop token left out), and with echo the same per prompt token (the first one's logprob None)
+    # (a stop token the model ended with included, as the last), and with echo the same per prompt token (the first one's logprob None)
     # on "text" when the job asked for logprobs: the tokens fed since the previous text event (text may be
     # held back for a possible stop string, so they can cover more than `text`)
     logprobs: list[TokenLogprob] | None = None
@@ -129,7 +129,7 @@ class _Row:
         if self.job.cancelled.is_set():  # the client went away
             self.done = True
             return
-        if logprobs is not None and token not in self.stop_ids:
+        if logprobs is not None:
             self.logprobs.append(_token_logprob(logprobs, token, self.job.logprobs))
         if token in self.stop_ids:
             self.text.tokens.append(token)
@@ -144,7 +144,7 @@ class _Row:
 
     def finish(self, reason: str) -> None:
         rest = self.text.flush()
-        if rest:
+        if rest or len(self.logprobs) > self.unsent:  # the last tokens' logprobs go out even without text
             self._send(rest)
         asked = self.job.logprobs is not None
         self.job.events.put(Event("done", finish_reason=reason, completion_tokens=len(self.text.tokens),

@@ -24,6 +24,7 @@ from serve.engine import Engine, Job
 from serve.metrics import Metrics, TimedEvents
 from serve.penalties import Penalties
 from serve.protocol import APIError, CompletionRequest, Limits
+from serve.stops import REPLACEMENT
 
 log = logging.getLogger("serve")
 ADMIN = "/admin/adapters"
@@ -206,7 +207,7 @@ class Handler(BaseHTTPRequestHandler):
         head = (source if isinstance(source, str) else tok.decode(prompt_ids, skip_special_tokens=False)) if req.echo else ""
         if req.logprobs is None:
             return protocol.Answer(head + text, last.finish_reason)
-        generated = _within(last.logprobs or [], len(text), piece)  # a stop string may end the text mid-way
+        generated = _within(last.logprobs or [], len(text), tok.decode, tok.stop_ids)  # a stop string may cut the text
         if req.chat:
             return protocol.Answer(text, last.finish_reason, protocol.chat_logprobs(_chat_entries(generated, piece)))
         scored = (last.prompt_logprobs or []) + generated
@@ -241,7 +242,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        logprobs = _StreamedLogprobs(req, self._piece) if req.logprobs is not None else None
+        logprobs = _StreamedLogprobs(req, self._piece, self.app.tokenizer) if req.logprobs is not None else None
         try:
             if req.chat:
                 self._write(protocol.sse(protocol.first_chat_chunk(req)))
@@ -266,6 +267,13 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             job.cancelled.set()  # stop generating for a client that left
             self.close_connection = True
+        except Exception as err:  # the 200 and part of the body are out: end the stream with an error event
+            log.exception("stream failed")
+            job.cancelled.set()
+            self.close_connection = True
+            failed = APIError(500, f"internal error: {type(err).__name__}", "internal_error", "server_error")
+            self._write(protocol.sse(failed.body()))
+            self._end_chunks()
 
     def _load_adapter(self) -> None:
         body = self._read_json()
@@ -336,17 +344,20 @@ class _StreamedLogprobs:
     those whose token texts fall within the text sent so far, so the chunks together hold what the
     non-streamed answer holds (`_within` of the whole text)."""
 
-    def __init__(self, req: CompletionRequest, piece) -> None:
-        self.req, self.piece = req, piece
+    def __init__(self, req: CompletionRequest, piece, tokenizer) -> None:
+        self.req, self.piece, self.tokenizer = req, piece, tokenizer
         self.pending: list = []  # entries carried by events but not sent yet
+        self.sent: list[int] = []  # tokens of the entries sent
         self.sent_chars = 0  # characters of the sent entries' token texts
         self.text_chars = 0  # characters of the text sent so far
 
     def take(self, event) -> dict | None:
         self.pending += event.logprobs or []
         self.text_chars += len(event.text)
-        fresh = _within(self.pending, self.text_chars - self.sent_chars, self.piece)
+        tok = self.tokenizer
+        fresh = _within(self.pending, self.text_chars, tok.decode, tok.stop_ids, before=self.sent)
         del self.pending[: len(fresh)]
+        self.sent += [t for t, _, _ in fresh]
         offset = self.sent_chars
         self.sent_chars += sum(len(self.piece(t)) for t, _, _ in fresh)
         if self.req.chat:
@@ -379,16 +390,22 @@ def _by_text(top: list[tuple[int, float]], piece) -> dict[str, float]:
     return out
 
 
-def _within(entries: list, chars: int, piece) -> list:
-    """The leading entries whose token texts make up a text of `chars` characters (the last may run past
-    it, cut by a stop string)."""
-    out, length = [], 0
-    for entry in entries:
-        if length >= chars:
+def _within(entries: list, chars: int, decode, stop_ids, before: list[int] | None = None) -> list:
+    """The leading entries whose tokens, decoded after the tokens `before`, make up `chars` characters of
+    whole text (the last may run past it, cut by a stop string), and a stop token right after them (the
+    model's last token: in the logprobs, as lm-evaluation-harness counts on, though not in the text).
+    Decoded as a whole prefix, not token by token: several tokens can make up one character."""
+    ids = list(before or [])
+    n = 0
+    while n < len(entries):
+        text = decode(ids)
+        if len(text) >= chars and not text.endswith(REPLACEMENT):
             break
-        out.append(entry)
-        length += len(piece(entry[0]))
-    return out
+        ids.append(entries[n][0])
+        n += 1
+    if n < len(entries) and entries[n][0] in stop_ids:
+        n += 1
+    return entries[:n]
 
 
 def _timeout() -> APIError:
