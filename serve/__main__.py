@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--max-batch", type=int, default=16, help="requests per batch at most")
-    p.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long for more requests")
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="static batching: wait this long for more requests")
     p.add_argument("--no-cross-adapter-batching", action="store_true", help="batch only requests for the same adapter")
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                    help="continuous: waiting requests join the running batch between decode steps; static: a batch "
