@@ -27,6 +27,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "vs_hf_quick_seq512": ("benchmarks.vs_hf", ["--quick", "--seq", "512", "--repeat", "3"]),
     "vs_hf_smollm2": ("benchmarks.vs_hf", ["--repeat", "3"]),
     "vs_hf_smollm2_ckpt": ("benchmarks.vs_hf", ["--methods", "lora,qlora", "--grad-checkpointing"]),
+    # eager and torch.compile rows side by side (ours --compile, HF torch_compile=True); compiling falls in the warm-up
+    "vs_hf_smollm2_compile": ("benchmarks.vs_hf", ["--methods", "lora", "--compile", "--warmup", "3"]),
     "vs_hf_qwen05b": ("benchmarks.vs_hf", ["--shape", "qwen2.5-0.5b", "--methods", "lora,qlora,qlora+embed", "--seq",
                                            "256", "--batch", "1", "--steps", "3", "--warmup", "1"]),
     "memory_qwen05b": ("benchmarks.memory_breakdown", ["--shape", "qwen2.5-0.5b", "--methods", "lora,qlora,qlora+embed",
@@ -40,6 +42,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "methods": ("benchmarks.methods", []),
     "scaling": ("benchmarks.scaling", ["--quick", "--png", "benchmarks/results/scaling.png"]),
     "dropout": ("benchmarks.dropout", []),
+    "attention": ("benchmarks.attention", ["--rounds", "25"]),
+    "profile": ("benchmarks.profile", []),
 }
 BEFORE_COMMIT = "b23434d"  # the code before the activation-memory work (results/before_*.json)
 LOSS_COMMIT = "ecc8aaa"  # loss chunks sized in bytes; results/pre_ecc8aaa_*.json were measured just before it
@@ -219,6 +223,68 @@ def dropout_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def attention_table(d: dict) -> str:
+    """Per sequence length: every attention candidate (one layer, fwd + bwd), the matmul ceiling, the projections."""
+    layers = d["layers"]
+    lines = [f"SmolLM2-135M's attention (batch {d['batch']}, 9 query / 3 kv heads, head dim 64), bf16 inputs as the "
+             "decoder makes them; candidates alternate in one process, best of the rounds (the median is in the JSON). Per step = per layer "
+             f"x {layers} layers.", ""]
+    for T, e in d["seqs"].items():
+        cur = next(iter(e["attention_ms"].values()))["fwd_bwd"]  # the first candidate: SDPA, the path before
+        gflop = e["gflop_fwd_bwd"]
+        ideal = {k: gflop / r * 1e3 for k, r in e["bmm_gflops"].items()}  # ms per layer at that matmul rate
+        lines += [f"**{d['batch']} x {T} tokens**: causal attention is {gflop:.2f} GFLOP per layer forward + backward; at "
+                  f"the rate of its own Q K^T batched matmul (bf16 {e['bmm_gflops']['bf16']:.0f}, fp32 "
+                  f"{e['bmm_gflops']['fp32']:.0f} GFLOP/s) that is {ideal['bf16']:.1f} / {ideal['fp32']:.1f} ms per layer.",
+                  "", "| path | fwd + bwd ms / layer | per step (ms) | fwd ms / layer | speed vs SDPA |", "|---|---:|---:|---:|---:|"]
+        for name, t in e["attention_ms"].items():
+            fwd = f"{t['fwd']:.2f}" if "fwd" in t else "-"
+            lines.append(f"| {name} | {t['fwd_bwd']:.2f} | {t['fwd_bwd'] * layers:,.0f} | {fwd} | "
+                         f"{cur / t['fwd_bwd']:.2f}x |")
+        lines += ["", "| frozen projections, fwd + input grad | separate (ms) | one concatenated matmul (ms) | "
+                  "per step saved (ms) |", "|---|---:|---:|---:|"]
+        for group, t in e["projection_ms"].items():
+            lines.append(f"| {group} | {t['separate']:.2f} | {t['concatenated']:.2f} | "
+                         f"{(t['separate'] - t['concatenated']) * layers:,.0f} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def profile_table(d: dict) -> str:
+    """Where one LoRA step's time goes before and after models.attention, the A/B step times, eager vs compiled."""
+    first = next(iter(d["profile"].values()))
+    lines = [f"One LoRA step (r 16 on q,k,v,o, dropout 0.05, bf16 autocast) at {d['shape']}'s shape, {d['batch']} x "
+             f"{d['seq']} tokens, under torch.profiler (self CPU time per op, bucketed by benchmarks.profile.BUCKETS; the "
+             "profiler's own overhead inflates the total).", "",
+             "| attention | step (profiled) | " + " | ".join(first["buckets_ms"]) + " |",
+             "|---|---:|" + "---:|" * len(first["buckets_ms"])]
+    for name, p in d["profile"].items():
+        total = sum(p["buckets_ms"].values())
+        lines.append(f"| {name} | {p['step_ms']:,.0f} ms | " + " | ".join(
+            f"{v:,.0f} ms ({100 * v / total:.0f} %)" for v in p["buckets_ms"].values()) + " |")
+    a = d.get("attention")
+    if a:
+        (before, b), (after, f) = a["best_step_s"].items()
+        lines += ["", "The same model stepping with each attention path in turn (no profiler):", "",
+                  "| attention | best step (s) | median step (s) | tokens/s (best) |", "|---|---:|---:|---:|"]
+        for k in a["best_step_s"]:
+            lines.append(f"| {k} | {a['best_step_s'][k]:.3f} | {a['median_step_s'][k]:.3f} | {a['tokens_per_s'][k]:,.0f} |")
+        lines += ["", f"after / before: {b / f:.2f}x the tokens/s (best steps), "
+                  f"{a['median_step_s'][before] / a['median_step_s'][after]:.2f}x by the medians."]
+    c = d.get("compile")
+    if c:
+        be = c["break_even_steps"]
+        lines += ["", "Eager vs every block compiled (`--compile`), two copies of the model stepping alternately:", "",
+                  "| | first step (s) | second step (s) | best later step (s) | median later step (s) | tokens/s (best) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for k in ("eager", "compiled"):
+            lines.append(f"| {k} | {c['first_step_s'][k]:.2f} | {c['second_step_s'][k]:.2f} | {c['best_step_s'][k]:.3f} "
+                         f"| {c['median_step_s'][k]:.3f} | {c['tokens_per_s'][k]:,.0f} |")
+        lines += ["", f"Compile overhead {c['compile_overhead_s']:.0f} s; steady state {c['best_step_s']['eager'] / c['best_step_s']['compiled']:.2f}x "
+                  "eager's tokens/s; " + (f"pays after about {be:.0f} steps." if be is not None else "never pays back.")]
+    return "\n".join(lines)
+
+
 def render() -> str:
     docs = {n: load(n) for n in RUNS}
     docs.update({n: load(n) for n in ("gpu_vs_hf_smollm2", "gpu_vs_hf_qwen05b", "gpu_scaling")})
@@ -233,7 +299,8 @@ def render() -> str:
             out.append(f"    {_relative(doc.get('command', '?')):<100}  # {name}")
     out += ["", "## Targets (measured, not asserted in tests)", "", targets(docs), "", TARGET_NOTES, ""]
     out += ["## Ours vs Hugging Face Trainer + PEFT", ""]
-    for name in ("vs_hf_quick", "vs_hf_quick_seq512", "vs_hf_smollm2", "vs_hf_smollm2_ckpt", "vs_hf_qwen05b"):
+    for name in ("vs_hf_quick", "vs_hf_quick_seq512", "vs_hf_smollm2", "vs_hf_smollm2_ckpt", "vs_hf_smollm2_compile",
+                 "vs_hf_qwen05b"):
         if docs.get(name):
             out += [f"### {name}: {describe(docs[name])}", "", vs_hf_table(docs[name]), ""]
     pairs = [(label, load(f"before_{name}"), load(after)) for label, name, after in
@@ -263,6 +330,12 @@ def render() -> str:
     if docs.get("dropout"):
         out += ["## LoRA dropout masks, before and after (`python -m benchmarks.dropout`)", "", dropout_table(docs["dropout"]),
                 ""]
+    if docs.get("attention"):
+        out += ["## Attention paths and concatenated projections (`python -m benchmarks.attention`)", "",
+                attention_table(docs["attention"]), "", ATTENTION_NOTES, ""]
+    if docs.get("profile"):
+        out += ["## Profile of a LoRA step, and `--compile` (`python -m benchmarks.profile`)", "",
+                profile_table(docs["profile"]), "", COMPILE_NOTES, ""]
     if docs.get("scaling"):
         out += ["## Scaling with sequence length and model size (`python -m benchmarks.scaling --quick`)", "",
                 "![scaling](results/scaling.png)", "", scaling_table(docs["scaling"]), ""]
@@ -325,7 +398,7 @@ or 0.43 s (quick); matmuls, attention and masks alone take 1.59 s and 0.42 s, so
 norms, rotary, SwiGLU, casts, the loss's softmax, the optimizer) would have to shrink by 60-95 %. Tried or measured,
 not adopted: a hand-written attention
 (bf16 matmuls and a softmax) was slower than SDPA's (24.9 vs 18.6 ms per layer, forward + backward, 2 x 8 heads x 512 x
-64); masks from NumPy's PCG64 (uint16 draws against a threshold) take 0.45 ms instead of `bernoulli_`'s 2.18 ms for
+64; superseded by models.attention, which keeps the work on the scores to one pass each way: see "Attention paths" below); masks from NumPy's PCG64 (uint16 draws against a threshold) take 0.45 ms instead of `bernoulli_`'s 2.18 ms for
 a 2 x 512 x 576 input, which would make the SmolLM2 step about 10 % faster (about 1.25x), but the masks would no
 longer be the ones nn.Dropout draws from the same seed, which the PEFT-equivalence tests (and anyone comparing a
 seeded run with PEFT) rely on.
@@ -349,6 +422,46 @@ autograd holds after one forward (measured with saved_tensors_hooks); the loss t
 for qlora+embed the chunk spans one 8,192-row vocabulary slice). The measured peak covers loading and two training
 steps. The rest is the glibc heap's slack, oneDNN and OpenMP workspaces and short-lived temporaries: after a step at the
 0.5B shape `malloc_trim` hands back about 250 MiB that glibc keeps for the next step."""
+
+ATTENTION_NOTES = """Why SDPA was slow (issue #19: ~10 % of the matmul rate): PyTorch's CPU flash kernel runs bf16 inputs no
+faster than float32 ones (compare the "fp32 inputs" row), so its block products go at about the float32 matmul
+rate, not the bf16 one (the batched-matmul rates above), and its backward recomputes the scores tile by tile.
+Neither layout (contiguous vs the decoder's transposed views), GQA handling (enable_gqa vs repeat_interleave), an
+explicit mask instead of is_causal nor the math backend changes that; one thread is slower than two.
+models.attention runs the products as bf16 batched matmuls instead, with q grouped per kv head (no k/v copies), the
+causal bias and 1/sqrt(D) folded into one baddbmm, one softmax pass forward and one softmax-backward pass backward;
+the scores are recomputed in backward, so nothing [T, T] is kept (as with flash). The naive version of the same idea
+(float32 copies of the scores) wins in the matmuls and loses it again in [T, T] elementwise passes. Called alone
+it is more than twice as fast as SDPA at 128 tokens, about level at 512 and half as fast at 1024; inside the
+training step at 2 x 512 (profile below) attention's time halves and the step gets faster. So the decoder takes it
+for bf16 self-attention without mask or cache up to 512 tokens (models.attention.MAX_SEQ) and SDPA everywhere else
+(float32, padding and packing masks, KV cache, prefixes, longer rows). Numerics: the scores are rounded to bf16 before the softmax, as in transformers' eager
+attention under bf16; tests/test_attention.py holds its error against float32 SDPA to at most 3x bf16 SDPA's own,
+and float32 runs (every transformers-equivalence test) take SDPA as before. These microbenchmarks ran while other
+jobs shared the 2 cores: the minimum over rounds is the quiet-machine estimate, the medians (JSON) show the noise.
+
+Concatenated frozen projections (issue #19's second item): one matmul on [W_q; W_k; W_v] instead of three saves
+about 0.1-0.2 ms per layer (a few ms of a 30-layer step, well under 1 %), one on [W_gate; W_up] nothing
+measurable. Not adopted: it would make the decoder reach into LoRA's and NF4's base layers (and keep a second
+copy of the frozen weights) for no measurable gain."""
+
+COMPILE_NOTES = """`--compile` (train.run; off by default) compiles each decoder block in place with `nn.Module.compile`, so
+state-dict keys, PEFT adapter files and checkpoints are unchanged; the 30 blocks share two graphs (block 0, whose
+input needs no gradient, and the rest), so compiling costs one block's compile, not thirty. LoRA's NumPy-drawn
+dropout masks (lora.dropout) cannot be traced and would split every block's graph at each adapted linear, so under
+compile the adapter term is written in plain ops with a `bernoulli_` mask (lora.linear._traced_lora_term: still an
+independent Bernoulli(1 - p) keep-mask scaled by 1 / (1 - p), drawn from torch's seeded state, but not the masks of
+an eager run); tests/test_compile.py checks that compiled blocks give eager's logits and gradients and the same
+state-dict keys. It does not pay on this CPU at this shape: the steady-state step is slower than eager's (the
+table above), and the first step carries the compile (about 45 s with a cold inductor cache in an earlier run of
+this benchmark on the loaded machine; less when inductor's on-disk cache already holds the graphs, as it may for the
+run above). The matmuls and attention run in the same library kernels compiled or not, and what the compiler can
+fuse (the elementwise work) is about a fifth of the step; the compiled step also loses lora.lowrank's hand-written
+adapter backward. On the quick 33M shape with LoRA dropout off and SDPA attention it was about 15 % faster per step
+(0.18 vs 0.21 s at 2 x 256 tokens in a side test, not recorded here), after a 17 s compile. `python -m benchmarks.vs_hf --compile` runs every method also compiled on both sides
+(ours `--compile`, HF `TrainingArguments(torch_compile=True)`), rows beside the eager ones
+(vs_hf_smollm2_compile when present)."""
+
 
 FINDINGS = """## Profiling findings and what was changed
 

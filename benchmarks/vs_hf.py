@@ -1,7 +1,7 @@
 """This project's trainer vs Hugging Face Trainer + PEFT (+ bitsandbytes): tokens/s, peak memory, loss.
 
     OMP_NUM_THREADS=2 python -m benchmarks.vs_hf [--quick] [--shape NAME] [--methods lora,qlora,full]
-        [--seq N] [--batch N] [--grad-checkpointing] [--device cpu|cuda] [--json PATH] [--profile]
+        [--seq N] [--batch N] [--grad-checkpointing] [--compile] [--device cpu|cuda] [--json PATH] [--profile]
 
 One random model in a published shape (SmolLM2-135M's by default; --quick: a ~33M-parameter Llama;
 --shape qwen2.5-0.5b / qwen2.5-1.5b: Qwen2.5's, 494M / 1.54B parameters) is saved once; each
@@ -15,6 +15,9 @@ which turns it on for both).
   (no evaluation, checkpoints or logging files, so only the step itself is timed).
 - hf:   `AutoModelForCausalLM` (+ `peft.get_peft_model`; qlora: `BitsAndBytesConfig` nf4 4-bit) + `Trainer`.
 - method qlora+embed: ours only, QLoRA with --quantize-embeddings (HF + PEFT has no 4-bit embedding).
+- method M+compile (or --compile: every method also as M+compile, in rows beside the eager ones): ours with
+  `train.run --compile` (each decoder block torch.compiled), hf with TrainingArguments(torch_compile=True) (the
+  whole model compiled by Trainer). The compile time falls in the warm-up steps; use --warmup 2 or more.
 
 tokens/s counts the steps after --warmup steps (on a GPU each step is synchronised before its clock
 stops). Step times on a shared 2-core VM drift by 10-20 % between runs; --repeat N runs every pair N
@@ -136,13 +139,24 @@ def peak_mib(device: str, base_rss: float) -> float:
 
 
 # -------------------------------------------------------------------------------------- workers
+def split_method(method: str) -> tuple[str, set[str]]:
+    """"qlora+embed+compile" -> ("qlora", {"embed", "compile"}): the train.methods name and the options."""
+    base, *options = method.split("+")
+    unknown = set(options) - {"embed", "compile"}
+    if unknown:
+        raise ValueError(f"unknown method option(s) {sorted(unknown)} in {method!r}: embed, compile")
+    return base, set(options)
+
+
 def ours_config(method: str, grad_checkpointing: bool):
-    """The TrainConfig of our side: `method` (qlora+embed: qlora --quantize-embeddings) with the LORA settings."""
+    """The TrainConfig of our side: `method` (+embed: --quantize-embeddings, +compile: --compile) with the LORA
+    settings."""
     from train.config import TrainConfig
 
     cfg = TrainConfig()
-    cfg.run.method, _, embed = method.partition("+")
-    cfg.lora.quantize_embeddings = embed == "embed"
+    cfg.run.method, options = split_method(method)
+    cfg.lora.quantize_embeddings = "embed" in options
+    cfg.run.compile = "compile" in options
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     cfg.lora.target_modules = list(LORA["targets"])
     cfg.run.grad_checkpointing = grad_checkpointing
@@ -193,15 +207,16 @@ def worker_hf(args: argparse.Namespace, base_rss: float) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     transformers.logging.set_verbosity_error()
-    kwargs: dict = {"dtype": torch.float32 if args.method == "full" else torch.bfloat16}
-    if args.method == "qlora":
+    method, options = split_method(args.method)
+    kwargs: dict = {"dtype": torch.float32 if method == "full" else torch.bfloat16}
+    if method == "qlora":
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
     if args.device == "cuda":
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
-    if args.method != "full":
+    if method != "full":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -227,12 +242,12 @@ def worker_hf(args: argparse.Namespace, base_rss: float) -> dict:
                 losses.append(float(logs["loss"]))
 
     targs = TrainingArguments(output_dir=args.out, per_device_train_batch_size=args.batch,
-                              max_steps=args.warmup + args.steps, learning_rate=LR[args.method], weight_decay=0.0,
+                              max_steps=args.warmup + args.steps, learning_rate=LR[method], weight_decay=0.0,
                               lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, bf16=True,
                               use_cpu=args.device == "cpu", logging_steps=1,
                               gradient_checkpointing=bool(args.grad_checkpointing),
                               gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no", report_to=[],
-                              dataloader_num_workers=0, disable_tqdm=True, seed=0)
+                              dataloader_num_workers=0, disable_tqdm=True, seed=0, torch_compile="compile" in options)
     Trainer(model=model, args=targs, train_dataset=data, callbacks=[Clock()]).train()
     return _result(args, times, losses, base_rss, loaded)
 
@@ -287,7 +302,7 @@ def median_run(runs: list[dict]) -> dict:
 def flops_per_token(method: str, shape: dict) -> float:
     """Training FLOPs per token: 6N for full; frozen weights need no weight gradient, so 4N + 6N_adapter."""
     total, adapter = param_counts(shape)
-    return 6.0 * total if method == "full" else 4.0 * total + 6.0 * adapter
+    return 6.0 * total if split_method(method)[0] == "full" else 4.0 * total + 6.0 * adapter
 
 
 def report(rows: list[dict], shape: dict, rates: dict[str, float]) -> str:
@@ -359,8 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: smollm2-135m; quick with --quick)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on both sides")
+    p.add_argument("--compile", action="store_true",
+                   help="also run every method compiled (M+compile: ours --compile, hf torch_compile=True), rows beside")
     p.add_argument("--methods", default="lora,qlora,full",
-                   help="comma-separated: lora, qlora, full, and qlora+embed (ours only: --quantize-embeddings)")
+                   help="comma-separated: lora, qlora, full, qlora+embed (ours only: --quantize-embeddings); "
+                        "+compile after any of them: torch.compile on both sides")
     p.add_argument("--seq", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--steps", type=int, help="timed steps after warm-up")
@@ -395,8 +413,17 @@ def main(argv: list[str] | None = None) -> int:
              "fp32": matmul_tflops(torch.float32, device=args.device)}
     if args.profile:
         return profile_ours(args, shape)
-    # qlora+embed (QLoRA with a 4-bit embedding and head) has no counterpart in HF + PEFT: ours only
-    pairs = [(impl, m) for m in args.methods.split(",") for impl in ("ours", "hf") if impl == "ours" or "+" not in m]
+    methods = args.methods.split(",")
+    if args.compile:
+        methods = [v for m in methods for v in (m, m if m.endswith("+compile") else m + "+compile")]
+    try:
+        for m in methods:
+            split_method(m)
+    except ValueError as err:
+        p.error(str(err))
+    # +embed (QLoRA with a 4-bit embedding and head) has no counterpart in HF + PEFT: ours only
+    pairs = [(impl, m) for m in dict.fromkeys(methods) for impl in ("ours", "hf")
+             if impl == "ours" or "embed" not in split_method(m)[1]]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         model = build_model(root / "model", shape)
@@ -416,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                "shape_name": args.shape or ("quick" if args.quick else "smollm2-135m"), "shape": shape,
                "params": total, "adapter_params": adapter, "seq": args.seq, "batch": args.batch, "steps": args.steps,
                "warmup": args.warmup, "repeat": args.repeat, "device": args.device, "grad_checkpointing": bool(args.grad_checkpointing),
+               "compile": bool(args.compile),
                "matmul_tflops": rates, "rows": rows}
         Path(args.json).write_text(json.dumps(doc, indent=2))
     return 0

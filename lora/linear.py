@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora.dropout import keep_mask
-from lora.lowrank import drop, lora_delta
+from lora.lowrank import compute_dtype, drop, lora_delta
 from quant import NF4Weights
 
 
@@ -42,6 +42,20 @@ def _base_device(base: nn.Module) -> torch.device:
     for t in list(base.parameters()) + list(base.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+def _traced_lora_term(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, p: float) -> torch.Tensor:
+    """lora_delta's maths in plain ops for torch.compile (`train.run --compile`), which cannot trace NumPy's
+    generator: every mask would split the block's graph. The keep-mask comes from `bernoulli_`, so under
+    compile the masks are the compiler's draws from torch's seeded state (still independent Bernoulli(1-p),
+    reproducible from the seed), not lora.dropout's; autograd's saved tensors are the compiler's choice.
+    """
+    dtype = compute_dtype(x, a.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        xc = x.to(dtype)
+        if p > 0:
+            xc = drop(xc, torch.empty_like(xc, dtype=torch.bool).bernoulli_(1.0 - p), 1.0 / (1.0 - p))
+        return F.linear(F.linear(xc, a.to(dtype)), b.to(dtype)) * s  # (..., r) then (..., out)
 
 
 class LoRALinear(nn.Module):
@@ -205,7 +219,10 @@ class LoRALinear(nn.Module):
         """s · B A drop(x) for x [..., in] -> [..., out], through lora.lowrank (no float32 copy of x kept)."""
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        return lora_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, dropout.training)
+        a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        if torch.compiler.is_compiling():
+            return _traced_lora_term(x, a, b, s, p if dropout.training else 0.0)
+        return lora_delta(x, a, b, s, p, dropout.training)
 
     def _per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each row group gets its own adapter's delta: x [B, ..., in], rows gathered per adapter.

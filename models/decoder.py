@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models import attention
 from models.config import ModelConfig
 from models.rmsnorm import rms_norm
 from models.swiglu import swiglu
@@ -178,9 +179,12 @@ class Attention(nn.Module):
             k, v = torch.cat([prefix[0].to(k.dtype), k], dim=2), torch.cat([prefix[1].to(v.dtype), v], dim=2)
         # SDPA wants one dtype; under autocast the projections may come out in bf16 while the cache is not.
         k, v = k.to(q.dtype), v.to(q.dtype)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
-        )  # (B, H, T, D)
+        if mask is None and attention.applies(q, k):  # plain causal bf16 on the CPU (training): bf16 matmuls
+            y = attention.grouped_causal_attention(q, k, v)  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
+            )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -274,6 +278,17 @@ class Decoder(nn.Module):
     def num_virtual_tokens(self) -> int:
         """Extra KV-cache positions generation must allocate for the attached virtual tokens (0: none)."""
         return self.virtual_tokens.num_virtual_tokens if self.virtual_tokens is not None else 0
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each block's forward in place (`nn.Module.compile`), for `train.run --compile`.
+
+        In place, so module names and state-dict keys stay those of the checkpoint (torch.compile(model)
+        would prefix them with `_orig_mod.`). The blocks share their compiled graphs (two per input shape
+        in training: block 0, whose input needs no gradient, and the rest); the first steps pay the compile
+        time (benchmarks/profile.py measures it and the steady-state step).
+        """
+        for layer in self.model.layers:
+            layer.compile(**options)
 
     def tie_weights(self) -> None:
         """Point lm_head at the embedding's weight (at the 4-bit table itself when it is quantized)."""

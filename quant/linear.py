@@ -112,6 +112,9 @@ class NF4Linear(NF4Weights):
 
     # ------------------------------------------------------------------ compute
 
+    # torch.compile (train.run --compile) runs this layer as it is: bitsandbytes' native dequantizer is a ctypes
+    # call the compiler cannot trace, so a compiled block's graph breaks around each 4-bit linear.
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out]."""
         device_type = x.device.type

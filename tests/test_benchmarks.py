@@ -78,3 +78,38 @@ def test_repeated_runs_keep_the_median_one_and_every_rate():
     assert "(100-300, 3 runs)" in report.vs_hf_table(table_doc | {"rows": [{"impl": "ours", "method": "lora", "step_s": [1.0],
                                                                                "load_peak_mib": 1.0, "peak_rss_mib": 1.0,
                                                                                "final_loss": 1.0, **row}]})
+
+
+def test_method_options_split_and_compiled_full_counts_full_flops():
+    import pytest
+
+    from benchmarks.vs_hf import flops_per_token, split_method
+
+    assert split_method("qlora+embed+compile") == ("qlora", {"embed", "compile"})
+    assert split_method("lora") == ("lora", set())
+    with pytest.raises(ValueError, match="unknown method option"):
+        split_method("lora+fast")
+    shape = SHAPES["quick"]
+    assert flops_per_token("full+compile", shape) == flops_per_token("full", shape) != flops_per_token("lora", shape)
+
+
+def test_attention_and_profile_tables_state_their_ratios():
+    timing = {"fwd_bwd": 20.0, "fwd": 5.0}
+    seq = {"attention_ms": {"sdpa (before)": timing, "manual": {"fwd_bwd": 40.0, "fwd": 4.0}},
+           "gflop_fwd_bwd": 2.0, "bmm_gflops": {"bf16": 1000.0, "fp32": 200.0},
+           "projection_ms": {"q,k,v": {"separate": 3.0, "concatenated": 2.5}}}
+    text = report.attention_table({"layers": 30, "batch": 2, "seqs": {"512": seq}})
+    assert "| manual | 40.00 | 1,200 | 4.00 | 0.50x |" in text
+    assert "2.0 / 10.0 ms per layer" in text and "| q,k,v | 3.00 | 2.50 | 15 |" in text
+    prof = {"shape": "s", "batch": 2, "seq": 512,
+            "profile": {"before": {"step_ms": 100.0, "buckets_ms": {"matmuls": 30.0, "attention": 30.0,
+                                                                    "elementwise": 20.0, "other": 20.0}}},
+            "attention": {"best_step_s": {"before": 3.0, "after": 2.0}, "median_step_s": {"before": 4.0, "after": 2.0},
+                          "tokens_per_s": {"before": 1.0, "after": 1.5}},
+            "compile": {"first_step_s": {"eager": 2.0, "compiled": 60.0}, "second_step_s": {"eager": 2.0, "compiled": 2.0},
+                        "best_step_s": {"eager": 2.0, "compiled": 1.0}, "median_step_s": {"eager": 2.0, "compiled": 1.0},
+                        "compile_overhead_s": 60.0, "break_even_steps": 60.0,
+                        "tokens_per_s": {"eager": 512.0, "compiled": 1024.0}}}
+    text = report.profile_table(prof)
+    assert "| before | 100 ms | 30 ms (30 %) |" in text and "1.50x the tokens/s (best steps), 2.00x by the medians" in text
+    assert "2.00x eager's tokens/s; pays after about 60 steps." in text

@@ -65,6 +65,8 @@ class RunConfig:
     dtype: str = _f("auto", "--dtype", "compute dtype; auto: bfloat16 where the device has it, else float32",
                     choices=DTYPES)
     grad_checkpointing: bool = _f(False, "--grad-checkpointing", "recompute activations in backward to save memory")
+    compile: bool = _f(False, "--compile", "torch.compile each decoder block for training (compiles on the first "
+                       "steps; benchmarks/RESULTS.md says when it pays)")
     resume: str | None = _f(None, "--resume", "resume from a checkpoint dir; bare flag: the latest in output-dir",
                             nargs="?", const="latest")
     overwrite: bool = _f(False, "--overwrite", "allow writing into a non-empty output dir without resuming")

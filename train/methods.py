@@ -70,6 +70,8 @@ class Method:
         loaded = self.load(cfg, model_path, device, compute_dtype)
         self.prepare(cfg, loaded, model_path)
         loaded.model.gradient_checkpointing = cfg.run.grad_checkpointing
+        if cfg.run.compile:
+            loaded.model.compile_blocks()
         loaded.model.train()
         return loaded
 
