@@ -9,8 +9,10 @@ build_app + the HTTP server, on 127.0.0.1, port 0), so the clients never share i
 poisson (open loop): requests arrive at random (exponential gaps) at each --rates requests/s, with
   mixed prompt lengths (4-48 words) and output lengths (--max-tokens choices), adapters round-robin
   over the --adapters, greedy, streamed. The same requests at the same times for every setting:
-    static       a batch runs until its last row is done; requests arriving meanwhile wait
-    continuous   requests join the running batch between decode steps (the default)
+    static        a batch runs until its last row is done, finished rows riding along as masked
+                  padding; requests arriving meanwhile wait (this server before continuous batching)
+    static-leave  the same, but finished rows leave the batch at once (fewer rows per step)
+    continuous    requests join the running batch between decode steps (the default)
   Reported per rate and setting: completed requests/s, generated tokens/s, p50/p99 time to first
   token and p50/p99 end-to-end latency.
 closed (closed loop): --clients threads each send --requests completions back to back:
@@ -51,6 +53,7 @@ MODES = {
     "per-adapter": EngineConfig(max_batch=32, window_s=0.01, cross_adapter=False),
     "cross-adapter": EngineConfig(max_batch=32, window_s=0.01, cross_adapter=True),
     "static": EngineConfig(max_batch=16, window_s=0.01, continuous=False),
+    "static-leave": EngineConfig(max_batch=16, window_s=0.01, continuous=False, pad_finished=False),
     "continuous": EngineConfig(max_batch=16, continuous=True),
 }
 WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
@@ -291,7 +294,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--modes", help="engine settings to compare (default: static,continuous for poisson, "
+    p.add_argument("--modes", help="engine settings to compare (default: static,static-leave,continuous for poisson, "
                    "sequential,per-adapter,cross-adapter for closed)")
     p.add_argument("--rates", default="2,4,8,16", help="poisson: offered loads, requests/s")
     p.add_argument("--requests", type=int, default=96, help="poisson: requests per rate; closed: per client")
@@ -304,7 +307,7 @@ def main() -> None:
     if args.experiment == "serve":
         return serve_child(args)
     args.max_tokens_choices = [int(x) for x in args.max_tokens.split(",")]
-    default_modes = "static,continuous" if args.experiment == "poisson" else "sequential,per-adapter,cross-adapter"
+    default_modes = "static,static-leave,continuous" if args.experiment == "poisson" else "sequential,per-adapter,cross-adapter"
     modes = (args.modes or default_modes).split(",")
     results = []
     with tempfile.TemporaryDirectory() as tmp:

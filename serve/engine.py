@@ -13,7 +13,8 @@ cross-adapter batching); each prompt/prefix-tuning adapter has its own, since th
 of virtual tokens at a time. Each scheduler iteration steps every lane once.
 
 `continuous=False` gives static batching (for comparison): requests are admitted only when nothing
-is running, after a short collection window, and the batch runs until its last row is done.
+is running, after a short collection window, and the batch runs until its last row is done, finished
+rows riding along as masked padding (`pad_finished`, what this server did before continuous batching).
 
 An exception while prefilling or stepping fails the requests involved only; the thread goes on.
 """
@@ -45,6 +46,9 @@ class EngineConfig:
     window_s: float = 0.01  # how long the scheduler waits for more requests after the first
     cross_adapter: bool = True  # False: a batch only holds requests for the same adapter
     continuous: bool = True  # False: static batching (admit only when nothing runs)
+    # static batching only: finished rows ride along as masked padding until the batch's last row is done
+    # (the classic static batch, and this server's before continuous batching); False: they leave at once
+    pad_finished: bool = True
 
 
 @dataclass
@@ -416,11 +420,13 @@ class Engine:
         if not lane.rows:
             return
         rows = lane.rows
-        ids = torch.tensor([[row.next_token] for row in rows], device=self.device)
+        pad = self.tokenizer.pad_id
+        ids = torch.tensor([[pad if row.done else row.next_token] for row in rows], device=self.device)
+        alive = torch.tensor([not row.done for row in rows], device=self.device)
         view = lane.cache.view()
-        mask = torch.cat([lane.cache.mask, lane.cache.mask.new_ones(len(rows), 1)], dim=1)
+        mask = torch.cat([lane.cache.mask, alive.long()[:, None]], dim=1)
         out = self._forward(lane, rows, ids, mask, view)
-        lane.cache.advance(view, torch.ones(len(rows), dtype=torch.bool, device=self.device))
+        lane.cache.advance(view, alive)
         self._push(rows, out[:, -1].float())
         self._retire(lane)
 
@@ -443,9 +449,12 @@ class Engine:
                 row.push(token, torch.log_softmax(logits[i], -1) if row.job.logprobs is not None else None)
                 row.next_token = token
 
-    @staticmethod
-    def _retire(lane: _Lane) -> None:
+    def _retire(self, lane: _Lane) -> None:
+        """Finished rows leave the lane (static batching with pad_finished: only once all are finished)."""
         done = [i for i, row in enumerate(lane.rows) if row.done]
+        c = self.config
+        if not c.continuous and c.pad_finished and len(done) < len(lane.rows):
+            return
         if done:
             order = lane.cache.leave(done)
             lane.rows = [lane.rows[i] for i in order]
