@@ -379,29 +379,24 @@ sides; full fine-tuning keeps fp32 weights on both sides.
 NOISE = """Timings on this 2-core VM vary by ±10 % from run to run (see the step-time ranges), more when anything else
 runs; every command here was run with nothing else running. Ratios within one file come from one invocation."""
 
-TARGET_NOTES = """Speed: missed. At the SmolLM2-135M shape (49,152-token vocabulary, 30 layers) ours runs 1.13x HF's tokens/s
-for LoRA and for QLoRA (each row the median of 3 runs, ours and HF alternating), with 0.56x / 0.53x its memory. The
-1.31x / 1.42x recorded earlier were single runs in which HF happened to measure 355 / 344 tokens/s; in the 3 runs
-here it measured 436-472 / 400-461, while ours stayed within 500-507 / 448-490. What we gain is the loss: it computes
-the head's gradient chunk by chunk during the forward pass (no float32 logits for the whole batch, no second head
-matmul in backward) while HF materialises and differentiates [batch, seq, vocab] float32 logits. The rest of the step
-is the same work in the same library kernels on both sides. Profile of our LoRA step (torch.profiler, one step):
+TARGET_NOTES = """Speed and memory against HF at 2 x 512 tokens (each row the median of 3 runs, ours and HF alternating in fresh
+processes, dropout 0.05, bf16 autocast, no checkpointing on either side): met for LoRA at both shapes and for QLoRA at
+SmolLM2-135M's (1.34-1.35x the tokens/s, 0.51-0.66x the peak memory); missed for QLoRA at the quick 33M shape (1.22x,
+0.73x). Utilisation at 135M: 31 % of the bf16 matmul rate measured in the same run (HF: 23 %), short of 35 %.
 
-| shape, tokens | step | matmuls | SDPA flash attention, fwd + bwd | dropout masks (`bernoulli_`) | everything else |
-|---|---:|---:|---:|---:|---:|
-| SmolLM2-135M, 2 x 512 | 2,052 ms | 690 ms (34 %) | 640 ms (31 %) | 261 ms (13 %) | 22 % |
-| quick 33M, 2 x 512 | 518 ms | 159 ms (31 %) | 184 ms (36 %) | 76 ms (15 %) | 18 % |
+What changed since the 1.13x measured before: LoRA dropout masks from NumPy's SFC64 (lora.dropout; 7.7x faster
+masks, see "LoRA dropout masks") and training attention in bf16 batched matmuls (models.attention; the step's
+attention time 995 -> 475 ms, see "Attention paths" and "Profile"). Both sides still do the same matmul work in the
+same library kernels; what remains ours alone is the chunked loss (no float32 [batch, seq, vocab] logits, no second
+head matmul in backward), the hand-written adapter backward (lora.lowrank) and these two.
 
-The matmuls run at about 0.8-0.85 TFLOP/s, close to the 0.9-1.0 TFLOP/s a 2048³ bf16 matmul reaches on this machine, and
-HF calls the same attention kernel and draws the same masks. 1.3x HF's rate means a step of at most 1.77 s (SmolLM2)
-or 0.43 s (quick); matmuls, attention and masks alone take 1.59 s and 0.42 s, so "everything else" (elementwise
-norms, rotary, SwiGLU, casts, the loss's softmax, the optimizer) would have to shrink by 60-95 %. Tried or measured,
-not adopted: a hand-written attention
-(bf16 matmuls and a softmax) was slower than SDPA's (24.9 vs 18.6 ms per layer, forward + backward, 2 x 8 heads x 512 x
-64; superseded by models.attention, which keeps the work on the scores to one pass each way: see "Attention paths" below); masks from NumPy's PCG64 (uint16 draws against a threshold) take 0.45 ms instead of `bernoulli_`'s 2.18 ms for
-a 2 x 512 x 576 input, which would make the SmolLM2 step about 10 % faster (about 1.25x), but the masks would no
-longer be the ones nn.Dropout draws from the same seed, which the PEFT-equivalence tests (and anyone comparing a
-seeded run with PEFT) rely on.
+What bounds the step now (profile at 135M, after): matmuls 44 %, attention 23 %, elementwise work (norms, rotary,
+SwiGLU, casts, softmax) 24 %, other 10 %. The elementwise quarter is what a compiler could fuse, but `--compile` is
+slower than eager here (see "Profile"); the concatenated q/k/v and gate/up projections were measured and saved under
+1 % of the step (see "Attention paths"), so they were not built. QLoRA at the quick shape pays
+its per-step dequantization (every 4-bit weight twice a step) on a model whose matmuls are small: our QLoRA step is
+0.83x our LoRA step there (equal at 135M), and its peak is not below LoRA's (427 vs 419 MiB; activations dominate at
+33M, and where HF's QLoRA saves 51 MiB over its LoRA ours saves none: not yet found).
 
 Memory, QLoRA over LoRA. bitsandbytes + PEFT, and `--method qlora` by default, keep the embedding and output head in
 bf16. At Qwen2.5's shapes that table (151,936 rows) is a large share of what QLoRA leaves: 260 MiB at 0.5B, more than
