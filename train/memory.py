@@ -8,7 +8,9 @@ The model, in bytes (p = parameters; a = compute-dtype bytes, 2 for bf16 autocas
 
     weights      trainable p x 4 (float32 masters); frozen p x a; NF4 block linears (and with
                  --quantize-embeddings the embedding and head) quant.nf4.nf4_nbytes(p), ~p x 4.127/8
-    grads        trainable p x 4
+    grads        trainable p x 4, all of them at the optimizer step; at the start of backward (where the
+                 activations peak) only the first ones made: the output head's for full fine-tuning, every
+                 one after the first micro-batch of an accumulated step
     optimizer    trainable p x 8 (AdamW: two float32 moments) or x 2 (8-bit AdamW)
     step scratch trainable p x 4 (foreach AdamW's temporaries while it steps; activations are gone then)
     autocast     full fine-tuning under bf16: a bf16 copy of every matrix, cached for forward + backward
@@ -59,6 +61,7 @@ class Settings:
     lora: LoraConfig = field(default_factory=lambda: LoraSettings().adapter())  # lora, qlora: rank, dropout, targets
     virtual_tokens: int = 20
     quantize_embeddings: bool = False  # qlora: embedding and head in NF4 as well
+    grad_accum: int = 1  # micro-batches per optimizer step: after the first, every gradient is alive in backward
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class MemoryEstimate:
 
     weights: int
     grads: int
+    backward_grads: int  # gradients alive while every activation still is (the start of backward)
     optimizer: int
     autocast_copies: int
     activations: int
@@ -78,9 +82,12 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        """Bytes at the worst moment: the end of backward, or the optimizer step if that is larger."""
-        static = self.weights + self.grads + self.optimizer + self.runtime
-        return static + max(self.autocast_copies + self.activations + self.logits + self.slack, self.step_scratch)
+        """Bytes at the worst moment: the start of backward (every activation, the first gradients), or the
+        optimizer step (every gradient and the step's temporaries) if that is larger. In between, backward
+        frees each block's activations as it makes the block's gradients."""
+        static = self.weights + self.optimizer + self.runtime
+        backward = self.autocast_copies + self.activations + self.logits + self.slack + self.backward_grads
+        return static + max(backward, self.grads + self.step_scratch)
 
     def summary(self) -> str:
         parts = {k: v for k, v in asdict(self).items() if k != "trainable_params" and v}
@@ -116,9 +123,11 @@ def estimate_peak_bytes(cfg: ModelConfig, s: Settings) -> MemoryEstimate:
     # gradient's copy in the compute dtype (none in float32, where .to() returns the same tensor)
     logits = rows * vocab * (4 + (s.compute_bytes if s.compute_bytes != 4 else 0))
     optim_bytes = 2 if s.optim in EIGHT_BIT_OPTIMIZERS else 8
+    first = trainable if s.grad_accum > 1 else method.first_gradients(cfg, s)
     return MemoryEstimate(
         weights=trainable * 4 + frozen * s.compute_bytes + (nf4_nbytes(nf4) if nf4 else 0),
         grads=trainable * 4,
+        backward_grads=first * 4,
         optimizer=trainable * optim_bytes,
         autocast_copies=method.autocast_bytes(cfg, s),
         activations=activations,
@@ -193,4 +202,5 @@ def settings_from(cfg: TrainConfig, compute_dtype: torch.dtype | None) -> Settin
         compute_bytes=4 if compute_dtype in (None, torch.float32) else 2,
         grad_checkpointing=cfg.run.grad_checkpointing, optim=cfg.optim.optim, lora=cfg.lora.adapter(),
         virtual_tokens=cfg.prompt.num_virtual_tokens, quantize_embeddings=cfg.lora.quantize_embeddings,
+        grad_accum=cfg.optim.grad_accum,
     )

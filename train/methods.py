@@ -95,6 +95,11 @@ class Method:
         """Bytes autograd keeps per token per block beyond the frozen block's own activations."""
         return 0
 
+    def first_gradients(self, config: ModelConfig, s: Settings) -> int:
+        """Trainable parameters whose gradients exist before backward frees any activation (default: all of
+        them, which for adapters is little)."""
+        return self.param_counts(config, s)[0]
+
     def autocast_bytes(self, config: ModelConfig, s: Settings) -> int:
         """Bytes of the compute-dtype copies autocast caches for the step (of trainable matrices)."""
         return 0
@@ -136,6 +141,11 @@ class FullFineTuning(Method):
 
     def param_counts(self, config, s):
         return _total_params(config)[0], 0, 0
+
+    def first_gradients(self, config, s) -> int:
+        """The output head's (or the tied embedding's): backward starts there; each block's gradients come
+        as its activations go."""
+        return config.vocab_size * config.hidden_size
 
     def autocast_bytes(self, config, s) -> int:
         """Under bf16 autocast a bf16 copy of every block matrix, cached for forward and backward."""
