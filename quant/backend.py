@@ -157,8 +157,12 @@ def dequantize_scratch(state: NF4Tensor, dtype: torch.dtype, backend: str = "aut
     """
     if state.device.type != "cpu" or dtype not in _BNB_CPU_KERNELS:
         return dequantize(state, dtype, backend)
-    cols = state.shape[-1] if len(state.shape) else 1
-    bnb = resolve_backend(backend, state) == "bnb"
+    # NF4's blocks run over the flattened weight, so the native kernel decodes it as one row of `numel`
+    # columns: exact whenever the weight is whole blocks, whatever its last dimension (row by row it
+    # needs in_features % 64 == 0, which a down_proj of 1,376 inputs is not: the table lookup is ~10x slower)
+    wanted = DEFAULT_BACKEND.get("cpu", "torch") if backend == "auto" else backend
+    bnb = wanted == "bnb" and state.numel % BLOCKSIZE == 0 and state.dtype in SUPPORTED_DTYPES and _bnb_available()
+    cols = state.numel if bnb else (state.shape[-1] if len(state.shape) else 1)
     out = decode_blocks(state.packed, dequantize_absmax(state), state.numel // cols, cols, dtype,
                         scratch(state.numel, dtype), bnb)
     return out.view(state.shape)

@@ -301,7 +301,8 @@ def test_bitsandbytes_fast_path_is_identical_to_the_reference():
 def test_scratch_dequantization_has_the_reference_bits_and_reuses_one_buffer(backend):
     """The matmuls' dequantization writes into one per-thread buffer: same bits, no new allocation."""
     assert bnb_cpu_kernel(torch.bfloat16) is not None  # bitsandbytes' native kernel is what "bnb" calls
-    states = [quantize_nf4(weight(shape, torch.float32, seed=i)) for i, shape in enumerate(SHAPES + [(96, 192)])]
+    # (24, 80): whole blocks but rows that split them, which the kernel decodes as one flat row
+    states = [quantize_nf4(weight(shape, torch.float32, seed=i)) for i, shape in enumerate(SHAPES + [(96, 192), (24, 80)])]
     for dtype in DTYPES:
         for state in sorted(states, key=lambda s: -s.numel):  # largest first: later calls reuse its buffer
             out = dequantize_scratch(state, dtype, backend)
