@@ -19,11 +19,13 @@ Concurrent first requests for one adapter load it once (the others wait for that
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from adapters import Adapter, describe, install, prepare, trained_base
@@ -108,15 +110,8 @@ class AdapterRegistry:
             loading.finished.wait()
             if loading.error is not None:
                 raise loading.error
-        try:
+        with self._loaded_or_failed(model_field, loading):
             self._load_on_demand(model_field)
-        except APIError as err:
-            loading.error = err
-            raise
-        finally:
-            with self._state:
-                del self._loading[model_field]
-            loading.finished.set()
         return model_field
 
     def release(self, name: str | None) -> None:
@@ -189,17 +184,10 @@ class AdapterRegistry:
             if name in self._adapters or name in self._loading:
                 raise APIError(409, f"adapter {name!r} is already loaded", "adapter_exists")
             loading = self._loading[name] = _Loading()  # holds its slot and name while it loads
-        try:
+        with self._loaded_or_failed(name, loading):
             prepared = self._prepare(name, directory)
             self._make_room(name)
             self._install(name, prepared, resident=True, pins=0)
-        except APIError as err:
-            loading.error = err
-            raise
-        finally:
-            with self._state:
-                del self._loading[name]
-            loading.finished.set()
         log.info("loaded %s adapter %s from %s", prepared.adapter.kind, name, directory)
 
     def unload(self, name: str) -> None:
@@ -213,6 +201,20 @@ class AdapterRegistry:
         log.info("unloaded adapter %s", name)
 
     # ------------------------------------------------------------------ loading
+
+    @contextlib.contextmanager
+    def _loaded_or_failed(self, name: str, loading: _Loading) -> Iterator[None]:
+        """Around the load `loading` stands for: its APIError is kept for the requests waiting on it, and
+        when it ends (either way) the name is free again and they are let go."""
+        try:
+            yield
+        except APIError as err:
+            loading.error = err
+            raise
+        finally:
+            with self._state:
+                del self._loading[name]
+            loading.finished.set()
 
     def _prepare(self, name: str, directory: Path):
         """Check the base it needs and read it, with no lock held (the engine keeps decoding)."""

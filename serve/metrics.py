@@ -94,8 +94,8 @@ class Metrics:
 
 
 class TimedEvents(queue.Queue):
-    """A job's event queue that notes when its first text and its end were produced (on the engine's
-    thread, so the times do not depend on when a handler reads them)."""
+    """A job's event queue that keeps when its first text and its end were produced (each event's `at`,
+    stamped on the engine's thread, so the times do not depend on when a handler reads them)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -104,11 +104,10 @@ class TimedEvents(queue.Queue):
         self.done: float | None = None
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
-        kind = getattr(item, "kind", None)
-        if kind == "text" and self.first_text is None:
-            self.first_text = time.monotonic()
-        elif kind in ("done", "error"):
-            self.done = time.monotonic()
+        if item.kind == "text" and self.first_text is None:
+            self.first_text = item.at
+        elif item.kind in ("done", "error"):
+            self.done = item.at
         super().put(item, block, timeout)
 
 
