@@ -17,9 +17,11 @@ that the next call overwrites. CUDA's caching allocator already reuses such bloc
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import threading
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -127,14 +129,34 @@ _SCRATCH = _Scratch()
 
 
 @lru_cache(maxsize=None)
+def _native_cpu_library() -> ctypes.CDLL | None:
+    """bitsandbytes' native CPU library, loaded by path without importing the Python package, or None.
+
+    Importing bitsandbytes pulls in about 1,400 modules (sympy, networkx, jinja2, ...) and costs ~120 MiB
+    of resident memory, more than a small model's 4-bit weights; the training matmuls need one C function.
+    """
+    try:
+        spec = importlib.util.find_spec("bitsandbytes")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for path in sorted(Path(folder).glob("libbitsandbytes_cpu.*")):
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError:  # a library built for another platform or missing its dependencies
+                continue
+    return None
+
+
+@lru_cache(maxsize=None)
 def bnb_cpu_kernel(dtype: torch.dtype):
     """bitsandbytes' native CPU NF4 dequantizer writing into a given buffer, or None where it is missing."""
-    if not _bnb_available():
-        return None
+    lib = _native_cpu_library()
+    if lib is None:  # an unusual layout: the library the package itself loads
+        if not _bnb_available():
+            return None
+        from bitsandbytes.cextension import lib
     try:
-        import_bitsandbytes()
-        from bitsandbytes.cextension import lib  # the native library bitsandbytes loaded (after the import above)
-
         return getattr(lib, _BNB_CPU_KERNELS[dtype])
     except Exception:  # a build without the CPU kernels, or a mock library object
         return None
@@ -160,12 +182,24 @@ def dequantize_scratch(state: NF4Tensor, dtype: torch.dtype, backend: str = "aut
     # NF4's blocks run over the flattened weight, so the native kernel decodes it as one row of `numel`
     # columns: exact whenever the weight is whole blocks, whatever its last dimension (row by row it
     # needs in_features % 64 == 0, which a down_proj of 1,376 inputs is not: the table lookup is ~10x slower)
-    wanted = DEFAULT_BACKEND.get("cpu", "torch") if backend == "auto" else backend
-    bnb = wanted == "bnb" and state.numel % BLOCKSIZE == 0 and state.dtype in SUPPORTED_DTYPES and _bnb_available()
+    bnb = wants_cpu_kernel(backend, state, state.numel)
     cols = state.numel if bnb else (state.shape[-1] if len(state.shape) else 1)
     out = decode_blocks(state.packed, dequantize_absmax(state), state.numel // cols, cols, dtype,
                         scratch(state.numel, dtype), bnb)
     return out.view(state.shape)
+
+
+def wants_cpu_kernel(backend: str, state: NF4Tensor, cols: int) -> bool:
+    """Whether decode_blocks may use bitsandbytes' CPU kernel on `state` decoded `cols` columns per row.
+
+    True when `backend` asks for "bnb" ("auto": DEFAULT_BACKEND's CPU choice) and the kernel is exact there:
+    whole 64-blocks per row, a supported dtype. Unlike resolve_backend it imports nothing (decode_blocks
+    falls back to the table lookup where the kernel is missing).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    wanted = DEFAULT_BACKEND.get("cpu", "torch") if backend == "auto" else backend
+    return wanted == "bnb" and cols % BLOCKSIZE == 0 and state.dtype in SUPPORTED_DTYPES
 
 
 def decode_blocks(
@@ -174,7 +208,7 @@ def decode_blocks(
     """packed uint8 [ceil(rows*cols/2)], scales float32 [ceil(rows*cols/64)] -> [rows, cols] in `dtype`.
 
     `out`: a flat buffer of rows*cols elements to write into (else a new tensor). bnb: use bitsandbytes'
-    native CPU kernel where it exists; only exact when cols % 64 == 0 (resolve_backend decides).
+    native CPU kernel where it exists; only exact when cols % 64 == 0 (wants_cpu_kernel decides).
     """
     if out is None:
         out = torch.empty(rows * cols, dtype=dtype, device=packed.device)

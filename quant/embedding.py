@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quant.backend import decode_blocks, resolve_backend
+from quant.backend import decode_blocks, wants_cpu_kernel
 from quant.backend import scratch as scratch_buffer
 from quant.nf4 import BLOCKSIZE, NF4Tensor, dynamic_code, quantize_nf4
 from quant.weights import NF4Weights
@@ -47,7 +47,7 @@ def dequantize_rows(state: NF4Tensor, start: int, stop: int, backend: str = "aut
     scales = block_scales(state, state.absmax_q[b0:b1], blocks)
     n = (stop - start) * cols
     out = scratch_buffer(n, state.dtype) if scratch and state.device.type == "cpu" else None
-    bnb = resolve_backend(backend, state) == "bnb"
+    bnb = wants_cpu_kernel(backend, state, cols)
     packed = state.packed[start * cols // 2 : stop * cols // 2]
     return decode_blocks(packed, scales, stop - start, cols, state.dtype, out, bnb)
 
@@ -64,7 +64,7 @@ def gather_rows(state: NF4Tensor, ids: Tensor, backend: str = "auto") -> Tensor:
     codes = state.absmax_q.view(vocab, per_row).index_select(0, ids)
     blocks = ids.to(torch.int64)[:, None] * per_row + torch.arange(per_row, device=ids.device)
     scales = block_scales(state, codes.view(-1), blocks.view(-1))
-    bnb = resolve_backend(backend, state) == "bnb"
+    bnb = wants_cpu_kernel(backend, state, cols)
     return decode_blocks(packed.view(-1), scales, ids.numel(), cols, state.dtype, None, bnb)
 
 

@@ -3,7 +3,10 @@ the bitsandbytes fast path, memory per weight, and what quantize-while-loading r
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import bitsandbytes.functional as bnbf
 import pytest
@@ -20,6 +23,7 @@ from quant.nf4 import _dynamic_lut, dequantize_absmax, quantize_blockwise_8bit
 # 64-block and the last 256-block of absmax are partial (except (64,64): one partial 256-block).
 SHAPES = [(64, 64), (300, 77), (1000, 130), (3, 5), (1, 1), (129,), (2, 3, 65), (16, 1024 + 32)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROOT = Path(__file__).resolve().parents[1]
 HALF_GAP = float((nf4_code()[1:] - nf4_code()[:-1]).max()) / 2  # 0.1519, between -1 and -0.696
 
 
@@ -310,6 +314,34 @@ def test_scratch_dequantization_has_the_reference_bits_and_reuses_one_buffer(bac
             assert torch.equal(out, dequantize_nf4(state, dtype)), (state.shape, dtype)
         first = dequantize_scratch(states[0], dtype, backend).data_ptr()
         assert dequantize_scratch(states[1], dtype, backend).data_ptr() == first
+
+
+def test_training_matmuls_reach_the_native_kernel_without_importing_bitsandbytes():
+    """The 4-bit matmuls and embedding rows load bitsandbytes' CPU library by path: importing the package
+    would add ~120 MiB of resident memory (it pulls in sympy, networkx, ...) to every QLoRA run."""
+    code = """
+import sys, torch
+from quant import NF4Linear, quantize_nf4, dequantize_nf4
+from quant.backend import bnb_cpu_kernel
+from quant.embedding import dequantize_rows, gather_rows
+torch.manual_seed(0)
+dense = torch.nn.Linear(128, 96, bias=False)
+layer = NF4Linear.from_linear(dense, torch.bfloat16)
+x = torch.randn(4, 128, requires_grad=True)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    y = layer(x)
+y.float().sum().backward()
+w = dequantize_nf4(layer.quant_state(torch.bfloat16), torch.bfloat16)
+assert torch.equal(y, (x.detach().bfloat16() @ w.t())), "forward"
+table = quantize_nf4(torch.randn(40, 128))
+assert torch.equal(dequantize_rows(table, 3, 9), dequantize_nf4(table)[3:9])
+assert torch.equal(gather_rows(table, torch.tensor([5, 1, 5])), dequantize_nf4(table)[[5, 1, 5]])
+assert bnb_cpu_kernel(torch.bfloat16) is not None
+print("bitsandbytes" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
 
 
 def test_fast_path_is_not_used_where_bitsandbytes_cpu_kernel_is_wrong():
