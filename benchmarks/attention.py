@@ -124,6 +124,9 @@ def _one_thread(q, k, v):
 CANDIDATES: dict[str, Callable] = {
     "sdpa (before)": lambda q, k, v: _sdpa(q, k, v, is_causal=True, enable_gqa=True),
     "models.attention (after)": grouped_causal_attention,
+    "models.attention, one [T, T] block": lambda q, k, v: grouped_causal_attention(q, k, v, block=None),
+    "models.attention, blocks of 64": lambda q, k, v: grouped_causal_attention(q, k, v, block=64),
+    "models.attention, blocks of 256": lambda q, k, v: grouped_causal_attention(q, k, v, block=256),
     "sdpa, contiguous q,k,v": lambda q, k, v: _sdpa(q.contiguous(), k.contiguous(), v.contiguous(),
                                                     is_causal=True, enable_gqa=True),
     "sdpa, repeat_interleave k,v": _repeat,

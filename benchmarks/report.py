@@ -458,7 +458,10 @@ adapter backward. On the quick 33M shape with LoRA dropout off and SDPA attentio
 (vs_hf_smollm2_compile when present)."""
 
 
-FINDINGS = """## Profiling findings and what was changed
+FINDINGS = """## Profiling findings and what was changed (issue #7: memory, the loss, 4-bit scratch buffers)
+
+Issue #19's changes (dropout masks, blocked attention, the bitsandbytes import, the loss's log-softmax) are
+described with their tables above and in the target notes.
 
 Profiles: `python -m benchmarks.vs_hf --quick --seq 512 --profile --methods lora,qlora` (torch.profiler, one step),
 saved tensors counted per autograd node with saved_tensors_hooks, and live tensor bytes tracked with a
@@ -475,8 +478,9 @@ profiling runs (quick shape, 2 x 512 unless stated), not from the JSON files.
    and freed blocks stayed resident (with a 1 MiB threshold the same run peaked at 588 MiB, but 40 % slower).
    So the fix was to allocate less, not to tune the allocator.
 2. **LoRA update as one autograd function** (`lora/lowrank.py`): keeps x in the compute dtype (one tensor for q, k
-   and v, which read the same input), a one-byte mask from `bernoulli_` (the same draws nn.Dropout makes, so PEFT
-   equivalence under a seed still holds bit for bit), and the rank-r product; drop(x) is recomputed in backward.
+   and v, which read the same input), a one-byte keep mask, and the rank-r product; drop(x) is recomputed in
+   backward. (The mask came from `bernoulli_`, nn.Dropout's own draws, until issue #19 moved it to NumPy's SFC64:
+   "LoRA dropout masks" above.)
    Saved bytes per adapted input element: 6 → 1, plus 2 for x itself, shared by q, k and v.
 3. **RMSNorm as one autograd function** (`models/rmsnorm.py`): same forward ops (bit-identical output), backward from
    x and rstd; saves the float32 copy of every norm input (4 → 2 bytes per element under bf16).

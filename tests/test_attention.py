@@ -26,13 +26,17 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
+@pytest.mark.parametrize("block", [None, 16, attention.BLOCK])
 @pytest.mark.parametrize("H,K,T", [(9, 3, 64), (4, 4, 33), (8, 2, 1)])
-def test_grouped_path_matches_sdpa_within_bf16_rounding(H, K, T):
-    """Output and all three gradients against float32 SDPA: no worse than a few times bf16 SDPA's own error."""
+def test_grouped_path_matches_sdpa_within_bf16_rounding(H, K, T, block):
+    """Output and all three gradients against float32 SDPA: no worse than a few times bf16 SDPA's own error.
+
+    block 16 splits the queries into 4 (T 64) or 3 uneven blocks (T 33: 16, 16, 1); None is one [T, T] block.
+    """
     q, k, v = _inputs(2, H, K, T, 16)
     grad = torch.randn(2, H, T, 16, generator=torch.Generator().manual_seed(1))
     ref = _run(_sdpa, *(t.float() for t in (q, k, v)), grad)
-    ours = _run(attention.grouped_causal_attention, q, k, v, grad)
+    ours = _run(lambda *qkv: attention.grouped_causal_attention(*qkv, block=block), q, k, v, grad)
     sdpa_bf16 = _run(_sdpa, q, k, v, grad)
     for name, r, o, s in zip(("y", "dq", "dk", "dv"), ref, ours, sdpa_bf16):
         scale = r.abs().max()
@@ -47,6 +51,21 @@ def test_path_applies_to_cpu_bf16_self_attention_only():
     assert not attention.applies(q, torch.cat([k, k], dim=2))  # cached keys: SDPA
     long_q, long_k, _ = _inputs(1, 2, 1, attention.MAX_SEQ + 1, 8)
     assert not attention.applies(long_q, long_k)
+
+
+def test_blocks_cover_the_positions_once_in_order():
+    assert attention.blocks(300, 128) == [(0, 128), (128, 256), (256, 300)]
+    assert attention.blocks(64, None) == [(0, 64)]
+    assert attention.blocks(1, 128) == [(0, 1)]
+
+
+def test_causal_bias_of_a_block_masks_exactly_the_later_keys():
+    """Rows of positions [4, 7) with 2 query heads each: row (t-4)*2 + g may see keys 0..t."""
+    bias = attention.causal_bias(4, 7, 2, torch.float32, torch.device("cpu"))
+    assert bias.shape == (6, 7)
+    for row in range(6):
+        t = 4 + row // 2
+        assert torch.equal(bias[row].isinf(), torch.arange(7) > t)
 
 
 def test_decoder_in_bf16_matches_its_sdpa_path(monkeypatch):

@@ -41,16 +41,19 @@ class _HeadCrossEntropy(torch.autograd.Function):
             for start in range(0, h.shape[0], rows):
                 hs, ys = h[start : start + rows].to(dtype), targets[start : start + rows]
                 logits = F.linear(hs, w).float()  # (n, V)
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
-                total += (lse - logits.gather(1, ys[:, None]).squeeze(1)).sum()
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                # one fused log-softmax pass (logsumexp alone made three full-size temporaries), then the
+                # softmax in the same memory: the loss is -log p of each target
+                logp = torch._log_softmax(logits, -1, False)
+                del logits
+                total -= logp.gather(1, ys[:, None]).sum()
+                probs = logp.exp_()  # softmax, in the log-probabilities' memory
                 probs[torch.arange(ys.numel(), device=h.device), ys] -= 1.0  # d(sum CE)/d(logits)
                 d_logits = probs.to(dtype)
                 if need_h:
                     grad_h[start : start + rows] = d_logits @ w
                 if need_w:
                     grad_w += (d_logits.t() @ hs).float()
-                del logits, probs, d_logits  # else they live on while the next chunk's are made: 2x the peak
+                del logp, probs, d_logits  # else they live on while the next chunk's are made: 2x the peak
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
