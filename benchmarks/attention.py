@@ -232,13 +232,13 @@ def projection_ms(T: int, rounds: int) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--seqs", default="128,512,1024", help="comma-separated sequence lengths")
+    ap.add_argument("--seqs", default="128,512,1024,2048", help="comma-separated sequence lengths")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "attention.json")
     args = ap.parse_args(argv)
     seqs = [int(t) for t in args.seqs.split(",")]
     result = {
         "command": "python -m benchmarks.attention" + (f" --rounds {args.rounds}" if args.rounds != 9 else "")
-        + (f" --seqs {args.seqs}" if args.seqs != "128,512,1024" else ""),
+        + (f" --seqs {args.seqs}" if args.seqs != "128,512,1024,2048" else ""),
         "shape": SHAPE, "batch": BATCH, "layers": SHAPES[SHAPE]["num_hidden_layers"], "machine": machine(),
         "versions": versions(), "seqs": {},
     }

@@ -4,11 +4,11 @@
         [--no-compile]
 
 A random model of --shape (SmolLM2-135M's by default) trains with our LoRA step (train.loop.train_step, r 16 on
-q,k,v,o, dropout 0.05, bf16 autocast) at 2 x 512 tokens, as benchmarks/vs_hf.py runs it. "before" is the
-attention of SDPA's CPU kernel (models.attention switched off), "after" the current code (models.attention's
-bf16 path).
+q,k,v,o, dropout 0.05, bf16 autocast) at 2 x 512 tokens, as benchmarks/vs_hf.py runs it, with each attention
+path of `ATTENTION`: SDPA's CPU kernel (models.attention switched off), models.attention as one [T, T] block (its
+first version) and in blocks of query positions (the current code).
 
-1. Profile: torch.profiler around one step (after three warm-up steps) before and after; each op's self CPU time
+1. Profile: torch.profiler around one step (after three warm-up steps) per path; each op's self CPU time
    goes to one bucket (matmuls, attention, elementwise, other; `BUCKETS` lists the ops).
 2. Attention A/B: one model steps --repeat rounds of --steps steps with each attention path in turn; the best
    step of each (other processes only add time) and the median.
@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -104,20 +105,31 @@ def profile_step(trainer: Trainer) -> dict:
             "top": [[k, v] for k, v in top]}
 
 
-ATTENTION = {"before (SDPA)": lambda q, k: False, "after (models.attention)": attention.applies}
+# name -> (models.attention.applies, models.attention.BLOCK) while that path runs; the last is the current code
+ATTENTION = {"SDPA (before models.attention)": (lambda q, k: False, attention.BLOCK),
+             "models.attention, one [T, T] block": (attention.applies, None),
+             f"models.attention, blocks of {attention.BLOCK} (now)": (attention.applies, attention.BLOCK)}
+NOW = list(ATTENTION)[-1]
+
+
+@contextmanager
+def attention_path(name: str):
+    """Run the decoder's attention as ATTENTION[name] inside (patched where the decoder looks it up)."""
+    attention.applies, attention.BLOCK = ATTENTION[name]
+    try:
+        yield
+    finally:
+        attention.applies, attention.BLOCK = ATTENTION[NOW]
 
 
 def attention_ab(trainer: Trainer, repeat: int, steps: int) -> dict:
     """Step times with each attention path in turn (patched where the decoder looks it up): best, median, all."""
     out: dict[str, list[float]] = {name: [] for name in ATTENTION}
-    try:
-        for _ in range(repeat):
-            for name, applies in ATTENTION.items():
-                attention.applies = applies
+    for _ in range(repeat):
+        for name in ATTENTION:
+            with attention_path(name):
                 trainer.step()  # first step after a switch untimed
                 out[name] += [trainer.step() for _ in range(steps)]
-    finally:
-        attention.applies = ATTENTION["after (models.attention)"]
     best = {k: min(v) for k, v in out.items()}
     return {"best_step_s": best, "median_step_s": {k: statistics.median(v) for k, v in out.items()}, "steps_s": out,
             "tokens_per_s": {k: BATCH * SEQ / v for k, v in best.items()}}
@@ -160,10 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = build_model(Path(tmp) / "model", shape)
         trainer = Trainer(model_dir, shape["vocab_size"], False)
         result["profile"] = {}
-        for name, applies in ATTENTION.items():
-            attention.applies = applies
-            result["profile"][name] = profile_step(trainer)
-        attention.applies = ATTENTION["after (models.attention)"]
+        for name in ATTENTION:
+            with attention_path(name):
+                result["profile"][name] = profile_step(trainer)
         print(json.dumps(result["profile"], indent=1), flush=True)
         result["attention"] = attention_ab(trainer, args.repeat, args.steps)
         print(json.dumps(result["attention"], indent=1), flush=True)

@@ -180,7 +180,7 @@ class Attention(nn.Module):
         # SDPA wants one dtype; under autocast the projections may come out in bf16 while the cache is not.
         k, v = k.to(q.dtype), v.to(q.dtype)
         if mask is None and attention.applies(q, k):  # plain causal bf16 on the CPU (training): bf16 matmuls
-            y = attention.grouped_causal_attention(q, k, v)  # (B, H, T, D)
+            y = attention.grouped_causal_attention(q, k, v, attention.BLOCK)  # (B, H, T, D)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads

@@ -111,5 +111,5 @@ def test_attention_and_profile_tables_state_their_ratios():
                         "compile_overhead_s": 60.0, "break_even_steps": 60.0,
                         "tokens_per_s": {"eager": 512.0, "compiled": 1024.0}}}
     text = report.profile_table(prof)
-    assert "| before | 100 ms | 30 ms (30 %) |" in text and "1.50x the tokens/s (best steps), 2.00x by the medians" in text
+    assert "| before | 100 ms | 30 ms (30 %) |" in text and "| after | 2.000 | 2.000 | 2 | 1.50x | 2.00x |" in text
     assert "2.00x eager's tokens/s; pays after about 60 steps." in text
