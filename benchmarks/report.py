@@ -23,7 +23,7 @@ OUT = ROOT / "benchmarks" / "RESULTS.md"
 
 # name -> (module, arguments); each writes benchmarks/results/<name>.json (scaling also a PNG)
 RUNS: dict[str, tuple[str, list[str]]] = {
-    "vs_hf_quick": ("benchmarks.vs_hf", ["--quick"]),
+    "vs_hf_quick": ("benchmarks.vs_hf", ["--quick", "--repeat", "3"]),
     "vs_hf_quick_seq512": ("benchmarks.vs_hf", ["--quick", "--seq", "512", "--repeat", "3"]),
     "vs_hf_smollm2": ("benchmarks.vs_hf", ["--repeat", "3"]),
     "vs_hf_smollm2_ckpt": ("benchmarks.vs_hf", ["--methods", "lora,qlora", "--grad-checkpointing"]),
@@ -381,32 +381,45 @@ NOISE = """Timings on this 2-core VM vary by ±10 % from run to run (see the ste
 runs; every command here was run with nothing else running. Ratios within one file come from one invocation."""
 
 TARGET_NOTES = """Speed and memory against HF at 2 x 512 tokens (each row the median of 3 runs, ours and HF alternating in fresh
-processes, dropout 0.05, bf16 autocast, no checkpointing on either side): met for LoRA at both shapes and for QLoRA at
-SmolLM2-135M's (1.34-1.35x the tokens/s, 0.51-0.66x the peak memory); missed for QLoRA at the quick 33M shape (1.22x,
-0.73x). Utilisation at 135M: 31 % of the bf16 matmul rate measured in the same run (HF: 23 %), short of 35 %.
+processes, dropout 0.05, bf16 autocast, no checkpointing on either side, no `--compile` on either side): met for LoRA
+and QLoRA at both shapes (the vs_hf_quick_seq512 and vs_hf_smollm2 tables). Utilisation at 135M: LoRA 35.5 % and
+QLoRA 37 % of the bf16 matmul rate measured in the same run (HF: 25 % and 21 %).
 
-What changed since the 1.13x measured before: LoRA dropout masks from NumPy's SFC64 (lora.dropout; 7.7x faster
-masks, see "LoRA dropout masks") and training attention in bf16 batched matmuls (models.attention; the step's
-attention time 995 -> 475 ms, see "Attention paths" and "Profile"). Both sides still do the same matmul work in the
-same library kernels; what remains ours alone is the chunked loss (no float32 [batch, seq, vocab] logits, no second
-head matmul in backward), the hand-written adapter backward (lora.lowrank) and these two.
+What changed since the 1.13x measured when issue #19 was filed, in order (each change's before -> after is in the
+section named):
+1. LoRA dropout masks from NumPy's SFC64 instead of `bernoulli_` (lora.dropout; masks 7.7x faster: "LoRA dropout
+   masks").
+2. Training attention as bf16 batched matmuls (models.attention) instead of SDPA's CPU kernel, which runs bf16 at the
+   float32 rate; then the same in blocks of 128 query positions, so that a block reads only the keys before it and
+   its scores stay in cache (one layer at 2 x 512: SDPA 30 ms, one [T, T] block 24 ms, blocks 12 ms: "Attention
+   paths"; whole step: "Profile").
+3. The 4-bit matmuls reach bitsandbytes' CPU dequantization kernel by loading its native library by path, where
+   they used to import the package: that import alone is ~120 MiB of resident memory (about 1,400 modules, sympy and
+   networkx among them), more than the quick shape's 4-bit weights. HF's side imports bitsandbytes before its
+   baseline is read, ours did it during the first step, so it counted in our peak only. QLoRA's peak at the quick
+   shape, 2 x 512: 427 -> 384 MiB (now below our LoRA's 429), 0.73x -> 0.64x HF's. The 4-bit weights also decode as
+   one flat row, which bitsandbytes' kernel does exactly for any shape made of whole blocks (a 512 x 1,376 down_proj
+   used to fall back to the table lookup: 1.19 -> 0.13 ms).
+4. The loss takes one fused log-softmax per chunk instead of logsumexp's full-size temporaries (about 20 ms of 65 ms
+   of elementwise work per 341 x 49,152 chunk, ~60 ms a step at 135M).
+Both sides still do the same matmul work in the same library kernels; what is ours alone is the chunked loss (no
+float32 [batch, seq, vocab] logits, no second head matmul in backward), the hand-written adapter backward
+(lora.lowrank) and these four.
 
-What bounds the step now (profile at 135M, after): matmuls 44 %, attention 23 %, elementwise work (norms, rotary,
-SwiGLU, casts, softmax) 24 %, other 10 %. The elementwise quarter is what a compiler could fuse, but `--compile` is
-slower than eager here (see "Profile"); the concatenated q/k/v and gate/up projections were measured and saved under
-1 % of the step (see "Attention paths"), so they were not built. QLoRA at the quick shape pays
-its per-step dequantization (every 4-bit weight twice a step) on a model whose matmuls are small: our QLoRA step is
-0.83x our LoRA step there (equal at 135M), and its peak is not below LoRA's (427 vs 419 MiB; activations dominate at
-33M, and where HF's QLoRA saves 51 MiB over its LoRA ours saves none: not yet found).
+What bounds the step now (profile at 135M, the blocked path): matmuls about half, the rest elementwise work (norms,
+rotary, SwiGLU, casts, the loss's softmax) and attention (see "Profile"). The elementwise work is what a compiler
+could fuse, but `--compile` is slower than eager here; the concatenated q/k/v and gate/up projections were measured
+and save under 1 % of the step (see "Attention paths"), so they were not built.
 
 Memory, QLoRA over LoRA. bitsandbytes + PEFT, and `--method qlora` by default, keep the embedding and output head in
 bf16. At Qwen2.5's shapes that table (151,936 rows) is a large share of what QLoRA leaves: 260 MiB at 0.5B, more than
 its 24 blocks' 4-bit linears (176 MiB). Held in bf16, it alone keeps QLoRA/LoRA above 0.45 at 0.5B: (4-bit block
 linears + bf16 embedding) / (bf16 model) = 436 / 942 MiB = 0.46 with nothing else in memory. `--quantize-embeddings`
 (quant/embedding.py) holds it in NF4 (67 MiB) and the loss reads the 4-bit head 8,192 vocabulary rows at a time; with it
-QLoRA reaches 0.45 at the 1.5B shape and 0.40 at 0.5B with activation checkpointing. Without checkpointing at 0.5B and
-1 x 256 tokens the parts every method shares (196 MiB of saved activations, the optimizer state, 250-330 MiB of heap
-slack and library workspaces) keep it at 0.53."""
+QLoRA reaches 0.43 at the 1.5B shape and 0.34 at 0.5B with activation checkpointing. Without checkpointing at 0.5B and
+1 x 256 tokens the parts every method shares (196 MiB of saved activations, the optimizer state, heap slack and
+library workspaces) keep it at 0.47. (These ratios fell by 0.04-0.06 when the 4-bit path stopped importing
+bitsandbytes' Python package, change 3 above.)"""
 
 METHODS_NOTES = """tokens/s counts target tokens; the demo rows are short (about 50 target tokens per step), so per-step costs
 that do not depend on the batch dominate: QLoRA dequantizes every 4-bit weight twice per step, which is why it is
@@ -427,14 +440,17 @@ explicit mask instead of is_causal nor the math backend changes that; one thread
 models.attention runs the products as bf16 batched matmuls instead, with q grouped per kv head (no k/v copies), the
 causal bias and 1/sqrt(D) folded into one baddbmm, one softmax pass forward and one softmax-backward pass backward;
 the scores are recomputed in backward, so nothing [T, T] is kept (as with flash). The naive version of the same idea
-(float32 copies of the scores) wins in the matmuls and loses it again in [T, T] elementwise passes. Called alone
-it is more than twice as fast as SDPA at 128 tokens, about level at 512 and half as fast at 1024; inside the
-training step at 2 x 512 (profile below) attention's time halves and the step gets faster. So the decoder takes it
-for bf16 self-attention without mask or cache up to 512 tokens (models.attention.MAX_SEQ) and SDPA everywhere else
-(float32, padding and packing masks, KV cache, prefixes, longer rows). Numerics: the scores are rounded to bf16 before the softmax, as in transformers' eager
+(float32 copies of the scores) wins in the matmuls and loses it again in [T, T] elementwise passes. As one [T, T]
+block it was more than twice as fast as SDPA at 128 tokens, about level at 512 and half as fast at 1024: the scores
+of a whole row block outgrow the caches. Taken 128 query positions at a time (the rows of a block are those
+positions' query heads, so each block is one batched matmul against the keys before it), the masked upper triangle
+is mostly skipped (10/16 of the full work at 512) and each block's scores stay in cache: blocks of 64 and 256 were
+both slower than 128 at 512 tokens, and the blocked path beats SDPA at every length measured, up to 2,048 tokens.
+So the decoder takes it for bf16 self-attention without mask or cache up to 2,048 tokens (models.attention.MAX_SEQ)
+and SDPA everywhere else (float32, padding and packing masks, KV cache, prefixes, longer rows). Numerics: the scores are rounded to bf16 before the softmax, as in transformers' eager
 attention under bf16; tests/test_attention.py holds its error against float32 SDPA to at most 3x bf16 SDPA's own,
-and float32 runs (every transformers-equivalence test) take SDPA as before. These microbenchmarks ran while other
-jobs shared the 2 cores: the minimum over rounds is the quiet-machine estimate, the medians (JSON) show the noise.
+and float32 runs (every transformers-equivalence test) take SDPA as before. The minimum over rounds is the
+quiet-machine estimate; the medians (JSON) show the noise.
 
 Concatenated frozen projections (issue #19's second item): one matmul on [W_q; W_k; W_v] instead of three saves
 about 0.1-0.2 ms per layer (a few ms of a 30-layer step, well under 1 %), one on [W_gate; W_up] nothing

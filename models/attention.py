@@ -98,9 +98,9 @@ class _GroupedCausalAttention(torch.autograd.Function):
         dy = dy.contiguous()
         parts = blocks(k.shape[1], block)
         # dk and dv sum over blocks: one block writes them whole; several add up in float32
-        dk = dv = None if len(parts) == 1 else torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        if dv is not None:
-            dv = torch.zeros_like(dk)
+        dk = dv = None
+        if len(parts) > 1:
+            dk, dv = (torch.zeros(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
         dq = []
         for t0, t1 in parts:
             qi, dyi, ki, vi = q[:, t0 * G : t1 * G], dy[:, t0 * G : t1 * G], k[:, :t1], v[:, :t1]
