@@ -12,7 +12,8 @@ the minimum is the estimate of a quiet machine and the report uses it. Candidate
 
 - sdpa (before): F.scaled_dot_product_attention(is_causal=True, enable_gqa=True) on the bf16 views, what the
   decoder called before models.attention;
-- models.attention (after): the decoder's path now (bf16 batched matmuls, one softmax pass each way);
+- models.attention, blocks of 128 (now): the decoder's path (bf16 batched matmuls, one softmax pass each way,
+  128 query positions at a time); one [T, T] block, blocks of 64 and 256: the same with other block sizes;
 - + contiguous / + repeat_interleave k,v / + explicit bool mask / fp32 inputs: one change each;
 - math backend: the same call under sdpa_kernel(MATH) (what SDPA falls back to);
 - manual, naive: bf16 matmuls with q grouped per kv head, float32 copies of the scores for the softmax and its
@@ -123,7 +124,7 @@ def _one_thread(q, k, v):
 
 CANDIDATES: dict[str, Callable] = {
     "sdpa (before)": lambda q, k, v: _sdpa(q, k, v, is_causal=True, enable_gqa=True),
-    "models.attention (after)": grouped_causal_attention,
+    "models.attention, blocks of 128 (now)": grouped_causal_attention,
     "models.attention, one [T, T] block": lambda q, k, v: grouped_causal_attention(q, k, v, block=None),
     "models.attention, blocks of 64": lambda q, k, v: grouped_causal_attention(q, k, v, block=64),
     "models.attention, blocks of 256": lambda q, k, v: grouped_causal_attention(q, k, v, block=256),
