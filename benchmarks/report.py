@@ -427,7 +427,7 @@ METHODS_NOTES = """tokens/s counts target tokens; the demo rows are short (about
 that do not depend on the batch dominate: QLoRA dequantizes every 4-bit weight twice per step, which is why it is
 slower than LoRA here while it is close to LoRA at 512+ tokens per step above. Peak memory is the whole process's
 VmHWM. Each method runs once for 6 timed steps, so tokens/s here varies 20-40 % between runs on this 2-core VM
-(three runs of the same code: full 154-193 tokens/s, LoRA 296-404)."""
+(three runs of the current code: full 154-179 tokens/s, LoRA 296-404)."""
 
 MEMORY_NOTES = """"weights" and "adapter grads + AdamW state" are measured tensor bytes; "saved activations" are the storages
 autograd holds after one forward (measured with saved_tensors_hooks); the loss transient is counted from the shapes
