@@ -138,7 +138,8 @@ class AdapterRegistry:
         prepared = self._prepare(name, directory)
         self._make_room(name)
         self._install(name, prepared, resident=False, pins=1)
-        self.loads += 1
+        with self._state:  # loads of different adapters run on their requests' threads at once
+            self.loads += 1
         log.info("loaded %s adapter %s on demand from %s", prepared.adapter.kind, name, directory)
 
     def _make_room(self, name: str) -> None:
@@ -157,7 +158,8 @@ class AdapterRegistry:
                 adapter = self._adapters.pop(victim)  # no request can pin it from here on
                 del self._last_used[victim]
             self._remove(adapter)
-            self.evictions += 1
+            with self._state:
+                self.evictions += 1
             log.info("evicted adapter %s (least recently used)", victim)
 
     # ------------------------------------------------------------------ the operator's adapters

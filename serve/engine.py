@@ -40,6 +40,10 @@ from serve.stops import TextStream
 log = logging.getLogger("serve")
 
 
+class ShuttingDown(RuntimeError):
+    """Raised by `submit` while draining, and the error of requests a stop or a drain's bound cut short."""
+
+
 @dataclass
 class EngineConfig:
     max_batch: int = 16  # rows per batch at most
@@ -251,7 +255,7 @@ class Engine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self._fail(self._waiting(), RuntimeError("server shutting down"))
+        self._fail(self._waiting(), ShuttingDown("server shutting down"))
 
     def drain(self, timeout_s: float) -> None:
         """Admit nothing new; let waiting and running requests finish for up to `timeout_s`, then stop."""
@@ -277,7 +281,7 @@ class Engine:
 
     def submit(self, job: Job) -> Job:
         if self._draining.is_set():
-            raise RuntimeError("server shutting down")
+            raise ShuttingDown("server shutting down")
         self._queue.put(job)
         return job
 
@@ -298,7 +302,7 @@ class Engine:
                 for key in [k for k, lane in self._lanes.items() if not lane.rows]:
                     del self._lanes[key]  # frees its cache
             self.lock.yield_to_waiters()
-        err = RuntimeError("server shutting down")
+        err = ShuttingDown("server shutting down")
         for lane in self._lanes.values():
             self._fail([row.job for row in lane.rows], err)
         self._lanes.clear()

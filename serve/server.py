@@ -20,7 +20,7 @@ from typing import Any
 from models.generate import SamplingConfig
 from serve import protocol
 from serve.adapters import AdapterRegistry
-from serve.engine import Engine, Job
+from serve.engine import Engine, Job, ShuttingDown
 from serve.metrics import Metrics, TimedEvents
 from serve.penalties import Penalties
 from serve.protocol import APIError, CompletionRequest, Limits
@@ -175,7 +175,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for job in jobs:
                 app.engine.submit(job)
-        except RuntimeError as err:  # draining for shutdown: admits nothing new
+        except ShuttingDown as err:  # draining for shutdown: admits nothing new
             for job in jobs:
                 job.cancelled.set()
             raise APIError(503, f"{err}: retry on another server", "server_shutting_down", "server_error") from None
@@ -415,7 +415,7 @@ def _timeout() -> APIError:
 def _stream_error(err: BaseException | None) -> APIError:
     if isinstance(err, KeyError):  # the adapter was unloaded while the request waited
         return APIError(404, str(err), "model_not_found")
-    if isinstance(err, RuntimeError) and "shutting down" in str(err):  # cut by a drain's bound (engine.drain)
+    if isinstance(err, ShuttingDown):  # cut by a drain's bound or a stop (engine.drain, engine.stop)
         return APIError(503, "the server is shutting down: the request was cut before it finished",
                         "server_shutting_down", "server_error")
     return APIError(500, f"generation failed: {type(err).__name__}: {err}", "internal_error", "server_error")
