@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.vs_hf import SHAPES, build_model, machine, ours_config, synthetic_rows, versions
+from benchmarks.vs_hf import SHAPES, build_model, machine, ours_config, ours_trainer, synthetic_rows, versions
 from lora import lowrank
 from lora.dropout import keep_mask
 
@@ -47,14 +47,12 @@ def mask_ms(draw, shape, reps: int = 50) -> float:
 
 
 def step_times(model_dir: Path, vocab: int, repeat: int, steps: int) -> dict[str, list[float]]:
-    from train.loop import build_optimizer, train_step
+    from train.loop import train_step
 
     cfg = ours_config("lora", False)
     cfg.lora.dropout = P
     device = torch.device("cpu")
-    model = cfg.method.build(cfg, str(model_dir), device, torch.bfloat16).model
-    opt = build_optimizer(model, 2e-4, 0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    model, opt, sched = ours_trainer(cfg, model_dir, device)
     rows = synthetic_rows(vocab, BATCH * (steps + 1), SEQ)
     out: dict[str, list[float]] = {name: [] for name in PATHS}
     for _ in range(repeat):

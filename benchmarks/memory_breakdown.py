@@ -75,15 +75,13 @@ def weight_parts(model: torch.nn.Module) -> dict[str, float]:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from train.loop import autocast_context, build_optimizer, forward_loss_sum, train_step
+    from train.loop import autocast_context, forward_loss_sum, train_step
 
     base = vs_hf.rss_mib()
     cfg = vs_hf.ours_config(args.method, bool(args.grad_checkpointing))
     device = torch.device("cpu")
-    model = cfg.method.build(cfg, args.model, device, torch.bfloat16).model
+    model, opt, sched = vs_hf.ours_trainer(cfg, args.model, device)
     out = {"method": args.method, "load_peak_mib": vs_hf.rss_mib("VmHWM") - base, "weights_mib": weight_parts(model)}
-    opt = build_optimizer(model, 2e-4, 0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     rows = vs_hf.synthetic_rows(args.vocab, args.batch * 3, args.seq)
     train_step(model, opt, sched, [{"input_ids": rows[: args.batch], "labels": rows[: args.batch]}], device,
                torch.bfloat16, 1.0)

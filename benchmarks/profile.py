@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.vs_hf import SHAPES, build_model, machine, ours_config, synthetic_rows, versions
+from benchmarks.vs_hf import SHAPES, build_model, machine, ours_config, ours_trainer, synthetic_rows, versions
 from models import attention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,14 +62,9 @@ class Trainer:
     """One model and optimizer stepping on the shared synthetic rows."""
 
     def __init__(self, model_dir: Path, vocab: int, compile_blocks: bool) -> None:
-        from train.loop import build_optimizer
-
-        cfg = ours_config("lora", False)
-        cfg.run.compile = compile_blocks
         torch.manual_seed(0)
-        self.model = cfg.method.build(cfg, str(model_dir), torch.device("cpu"), torch.bfloat16).model
-        self.opt = build_optimizer(self.model, 2e-4, 0.0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda _: 1.0)
+        self.model, self.opt, self.sched = ours_trainer(ours_config("lora+compile" if compile_blocks else "lora", False),
+                                                        model_dir, torch.device("cpu"))
         self.rows = synthetic_rows(vocab, BATCH * 64, SEQ)
         self.n = 0
 

@@ -163,15 +163,22 @@ def ours_config(method: str, grad_checkpointing: bool):
     return cfg
 
 
-def worker_ours(args: argparse.Namespace, base_rss: float) -> dict:
-    from train.loop import build_optimizer, train_step
+def ours_trainer(cfg, model_dir: str | Path, device: torch.device):
+    """Our side as train.run builds it from `cfg` (ours_config): (model, AdamW at LR[method] without weight
+    decay, a constant schedule). AdamW's state appears with the first step."""
+    from train.loop import build_optimizer
 
-    cfg = ours_config(args.method, bool(args.grad_checkpointing))
-    device = torch.device(args.device)
-    model = cfg.method.build(cfg, args.model, device, torch.bfloat16).model
-    loaded = peak_mib(args.device, base_rss)
+    model = cfg.method.build(cfg, str(model_dir), device, torch.bfloat16).model
     opt = build_optimizer(model, LR[cfg.run.method], 0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def worker_ours(args: argparse.Namespace, base_rss: float) -> dict:
+    from train.loop import train_step
+
+    device = torch.device(args.device)
+    model, opt, sched = ours_trainer(ours_config(args.method, bool(args.grad_checkpointing)), args.model, device)
+    loaded = peak_mib(args.device, base_rss)
     rows = synthetic_rows(args.vocab, args.batch * (args.warmup + args.steps), args.seq)
     times, losses = [], []
     for step in range(args.warmup + args.steps):
